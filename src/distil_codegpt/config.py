@@ -1,0 +1,226 @@
+"""Typed configs for every stage: one source of truth for defaults, YAML files and CLI flags.
+
+Each stage has a dataclass. A field's `help` metadata is its documentation and its `--flag` help text.
+Values come from (lowest to highest priority): the dataclass default, a YAML file, command-line flags.
+A bad value fails before any work with one line naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field, the value and the fix."""
+
+
+class UserError(RuntimeError):
+    """Bad input from the user (missing path, empty corpus...): reported as one line, exit code 2."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with documentation; lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+DEFAULT_EXCLUDES = [".*", "__pycache__", "site-packages", "dist-packages", "node_modules"]
+
+
+@dataclass
+class CorpusConfig:
+    """Turn Python source trees into CodeXGLUE-format splits and line-completion test sets."""
+
+    out: str = opt("", "output directory (created)", required=True)
+    src: list[str] = opt([], "source trees to walk for .py files (default: the running interpreter's stdlib)")
+    format: Literal["codexglue", "raw"] = opt("codexglue", "codexglue = py150 normalised tokens; raw = source text")
+    seed: int = opt(42, "seed for the split and the line-completion cuts")
+    literals: str = opt("", "JSON literal list {'str': [...], 'num': [...]} (default: CodeXGLUE's py150 list)")
+    dev_fraction: float = opt(0.05, "share of files in dev")
+    test_fraction: float = opt(0.05, "share of files in test")
+    max_file_bytes: int = opt(1_000_000, "skip files larger than this")
+    exclude: list[str] = opt(DEFAULT_EXCLUDES, "directory names (glob) not to descend into")
+    line_examples: int = opt(10_000, "line-completion examples in test.json (fewer if the files do not allow)")
+    dev_line_examples: int = opt(1_000, "line-completion examples in dev.json")
+    max_input_tokens: int = opt(1000, "line-completion inputs have at most this many tokens (<s> included)")
+    workers: int = opt(0, "processes for reading and normalising (0 = all cores)")
+
+    def validate(self) -> None:
+        _require(self.out, "out", "pass --out DIR")
+        _check(0 <= self.dev_fraction < 1, "dev_fraction", self.dev_fraction, "use a value in [0, 1)")
+        _check(0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "use a value in [0, 1)")
+        _check(
+            self.dev_fraction + self.test_fraction < 1,
+            "test_fraction",
+            self.test_fraction,
+            "dev_fraction + test_fraction must leave files for train",
+        )
+        _check(self.max_file_bytes > 0, "max_file_bytes", self.max_file_bytes, "use a positive byte count")
+        _check(self.line_examples >= 0, "line_examples", self.line_examples, "use 0 or more")
+        _check(self.dev_line_examples >= 0, "dev_line_examples", self.dev_line_examples, "use 0 or more")
+        _check(self.max_input_tokens >= 2, "max_input_tokens", self.max_input_tokens, "use at least 2")
+        _check(self.workers >= 0, "workers", self.workers, "use 0 (all cores) or a positive count")
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a byte-level BPE tokenizer on a corpus's train split."""
+
+    data: str = opt("", "corpus directory (from `distil-codegpt corpus`)", required=True)
+    out: str = opt("", "output directory for the tokenizer (loadable by transformers.AutoTokenizer)", required=True)
+    vocab_size: int = opt(50_000, "total vocabulary, special and literal tokens included (CodeGPT-small-py: 50k)")
+    min_frequency: int = opt(2, "minimum pair frequency for a BPE merge")
+    literals: str = opt("", "literal list for the single-token literals (default: the one the corpus used)")
+
+    def validate(self) -> None:
+        _require(self.data, "data", "pass --data DIR")
+        _require(self.out, "out", "pass --out DIR")
+        _check(self.vocab_size >= 512, "vocab_size", self.vocab_size, "use at least 512 (256 bytes + specials)")
+        _check(self.min_frequency >= 1, "min_frequency", self.min_frequency, "use 1 or more")
+
+
+@dataclass
+class ShardsConfig:
+    """Tokenise the splits into flat memmap shards for training."""
+
+    data: str = opt("", "corpus directory", required=True)
+    tokenizer: str = opt("", "tokenizer directory", required=True)
+    out: str = opt("", "output directory (default: DATA/shards/<tokenizer fingerprint>)")
+    splits: list[str] = opt(["train", "dev", "test"], "splits to tokenise")
+    workers: int = opt(0, "tokeniser threads (0 = all cores)")
+
+    def validate(self) -> None:
+        _require(self.data, "data", "pass --data DIR")
+        _require(self.tokenizer, "tokenizer", "pass --tokenizer DIR")
+        for s in self.splits:
+            _check(s in ("train", "dev", "test"), "splits", s, "choose from train, dev, test")
+        _check(self.workers >= 0, "workers", self.workers, "use 0 (all cores) or a positive count")
+
+
+@dataclass
+class PrepareConfig:
+    """Corpus, tokenizer and shards in one go: the foundation of every experiment."""
+
+    out: str = opt("runs/prepare", "run directory: data/, tok/ and the shards go under it")
+    src: list[str] = opt([], "source trees (default: the running interpreter's stdlib)")
+    format: Literal["codexglue", "raw"] = opt("codexglue", "corpus format")
+    seed: int = opt(42, "seed for split and line-completion cuts")
+    vocab_size: int = opt(8000, "tokenizer vocabulary (small by default for CPU demos)")
+    line_examples: int = opt(10_000, "line-completion examples in test.json")
+    workers: int = opt(0, "processes/threads (0 = all cores)")
+
+    def validate(self) -> None:
+        _require(self.out, "out", "pass --out DIR")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _require(value: str, name: str, fix: str) -> None:
+    if not value:
+        raise ConfigError(f"{name}: missing; {fix}")
+
+
+def _check(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is not allowed; {fix}")
+
+
+T = TypeVar("T")
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check (and gently convert) one value against a field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: {value!r} is not a list")
+        return [_coerce(name, inner, v) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(name, args[0], value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: {value!r} is not a boolean; use true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: {value!r} is not a string")
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build_config(cls: type[T], values: dict[str, Any] | None = None, yaml_path: str | os.PathLike | None = None) -> T:
+    """Make a validated config: defaults < YAML file < `values` (e.g. CLI flags). Unknown keys are errors."""
+    merged: dict[str, Any] = {}
+    if yaml_path:
+        p = Path(yaml_path)
+        if not p.is_file():
+            raise ConfigError(f"config: file {str(p)!r} not found; pass an existing YAML file")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {str(p)!r} must hold a mapping of key: value")
+        merged.update(loaded)
+    merged.update(values or {})
+    hints = field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in merged:
+        if key.replace("-", "_") not in known:
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(sorted(known))}")
+    kwargs = {k.replace("-", "_"): _coerce(k.replace("-", "_"), hints[k.replace("-", "_")], v) for k, v in merged.items()}
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
