@@ -47,6 +47,10 @@ class NormalizeError(ValueError):
     """The source does not tokenize (on some supported Python version)."""
 
 
+class NoCodeError(NormalizeError):
+    """The source tokenizes but holds no code (empty, blank or only comments)."""
+
+
 @dataclass(frozen=True)
 class Literals:
     """Literal values kept verbatim (`<STR_LIT:body>`, `<NUM_LIT:value>`); bodies in their encoded form."""
@@ -129,15 +133,16 @@ class _TabCheck:
             raise NormalizeError("inconsistent use of tabs and spaces in indentation")
 
 
-def python_tokens(text: str) -> list[tuple[int, str]]:
-    """(type, string) of each token, with 3.11's view of f-strings and errors on every Python version.
+def python_tokens(text: str) -> list[tuple[int, str, int]]:
+    """(type, string, start offset in text) of each token, with 3.11's view of f-strings on every version.
 
+    A leading byte-order mark is ignored (offsets still count it).
     Raises NormalizeError where any supported Python version would fail to tokenize the text.
     """
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    bom = 1 if text.startswith("\ufeff") else 0
+    text = text[bom:]
     starts = _line_starts(text)
-    out: list[tuple[int, str]] = []
+    out: list[tuple[int, str, int]] = []
     depth = 0
     fstart: tokenize.TokenInfo | None = None
     prev: tokenize.TokenInfo | None = None
@@ -168,7 +173,7 @@ def python_tokens(text: str) -> list[tuple[int, str]]:
                 new_logical_line = False
             if tok.type == tokenize.NEWLINE:
                 new_logical_line = True
-            out.append((tok.type, tok.string))
+            out.append((tok.type, tok.string, bom + starts[tok.start[0] - 1] + tok.start[1]))
             prev = tok
     except (tokenize.TokenError, SyntaxError) as e:
         raise NormalizeError(f"{type(e).__name__}: {e}") from None
@@ -186,6 +191,8 @@ def _check_token(tok: tokenize.TokenInfo, prev: tokenize.TokenInfo | None) -> No
         raise NormalizeError(f"not an identifier {tok.string!r} at line {tok.start[0]}")
     if tok.type == tokenize.NUMBER and not _NUMBER.fullmatch(tok.string):
         raise NormalizeError(f"malformed number {tok.string!r} at line {tok.start[0]}")
+    if prev is not None and prev.string == "<" and tok.string == ">" and prev.end == tok.start:
+        raise NormalizeError(f"not a Python 3 operator '<>' at line {tok.start[0]}")
     if (
         prev is not None
         and prev.type == tokenize.NUMBER
@@ -225,7 +232,7 @@ def normalize_code(text: str, literals: Literals) -> list[str]:
     """
     out: list[str] = []
     prev_eol = False
-    for kind, s in python_tokens(text):
+    for kind, s, _ in python_tokens(text):
         s = " ".join(s.split())
         if kind == tokenize.STRING:
             out.append(normalize_string(s, literals))
@@ -246,7 +253,7 @@ def normalize_code(text: str, literals: Literals) -> list[str]:
     if out and out[-1] == EOL:
         out = out[:-1]
     if not out:
-        raise NormalizeError("no code (empty, or only comments)")
+        raise NoCodeError("no code (empty, or only comments)")
     return [BOS, *out, EOS]
 
 
