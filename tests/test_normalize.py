@@ -31,8 +31,8 @@ GOLDEN = {
         "Rb\"<STR_LIT:e>\" + u'<STR_LIT:x>' </s>",
     ),
     "triple_quotes": (
-        "'''doc string'''\nv = \"\"\"name\"\"\"\nw = \"\"\"a\n   b\"\"\"\n",
-        "<s> '''<STR_LIT>''' <EOL> v = \"\"\"<STR_LIT:name>\"\"\" <EOL> w = \"\"\"<STR_LIT>\"\"\" </s>",
+        '\'\'\'doc string\'\'\'\nv = """name"""\nw = """a\n   b"""\n',
+        '<s> \'\'\'<STR_LIT>\'\'\' <EOL> v = """<STR_LIT:name>""" <EOL> w = """<STR_LIT>""" </s>',
     ),
     "spaces_and_commas": (
         "a = ', '.join(b) + ' ' + ',' + 'a b' + '  '\n",
@@ -44,9 +44,8 @@ GOLDEN = {
         '<s> if __name__ == "<STR_LIT:__main__>" : <EOL> main ( ) </s>',
     ),
     "fstrings": (
-        "a = f\"{x['a']}\" + f'{b!r:>{w}}' + f\"name\" + f\"{{x}}\" + f\"{f'{1}'}\"\n"
-        'c = f"""{a}\n{b}"""\n',
-        "<s> a = f\"<STR_LIT>\" + f'<STR_LIT>' + f\"<STR_LIT:name>\" + f\"<STR_LIT>\" + f\"<STR_LIT>\" <EOL>"
+        'a = f"{x[\'a\']}" + f\'{b!r:>{w}}\' + f"name" + f"{{x}}" + f"{f\'{1}\'}"\nc = f"""{a}\n{b}"""\n',
+        '<s> a = f"<STR_LIT>" + f\'<STR_LIT>\' + f"<STR_LIT:name>" + f"<STR_LIT>" + f"<STR_LIT>" <EOL>'
         ' c = f"""<STR_LIT>""" </s>',
     ),
     "fstring_starts_line": (
@@ -219,7 +218,9 @@ def test_denormalize_golden() -> None:
 def test_denormalize_class_methods() -> None:
     src = "class A(B):\n    def f(self, *args, **kw):\n        return -x ** 2\n    def g(self):\n        pass\n"
     d = denormalize(normalize_code(src, LIT))
-    assert d.code == "class A(B):\n    def f(self, *args, **kw):\n        return -x ** 2\n    def g(self):\n        pass\n"
+    assert (
+        d.code == "class A(B):\n    def f(self, *args, **kw):\n        return -x ** 2\n    def g(self):\n        pass\n"
+    )
 
 
 def _placeholders(tokens: list[str]) -> list[str]:

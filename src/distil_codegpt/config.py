@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,6 +123,120 @@ class PrepareConfig:
         _require(self.out, "out", "pass --out DIR")
 
 
+@dataclass
+class StudentConfig:
+    """Build a student's initial weights from a teacher: k of its layers, or another model's, or random."""
+
+    teacher: str = opt("", "teacher: HF model dir or hub id (GPT-2 family)", required=True)
+    out: str = opt("", "output directory for the student (HF model dir)", required=True)
+    layers: int = opt(6, "number of transformer layers of the student")
+    pick: str = opt("uniform", "which teacher layers: uniform | first | last | a list like 0,2,4,7,9,11")
+    init_from: str = opt("", "start from this pretrained model's weights instead (the 'Pretrained-Weights' variant)")
+    random: bool = opt(False, "same shape, untrained weights (a control)")
+    seed: int = opt(1337, "seed for random initialisation")
+
+    def validate(self) -> None:
+        _require(self.teacher, "teacher", "pass --teacher DIR (or a hub id)")
+        _require(self.out, "out", "pass --out DIR")
+        _check(self.layers >= 1, "layers", self.layers, "use 1 or more")
+        _check(
+            self.pick in ("uniform", "first", "last") or bool(re.fullmatch(r"\d+(,\d+)*", self.pick)),
+            "pick",
+            self.pick,
+            "use uniform, first, last or comma-separated layer indices like 0,2,4",
+        )
+        if self.pick not in ("uniform", "first", "last"):
+            idx = [int(i) for i in self.pick.split(",")]
+            _check(len(idx) == self.layers, "pick", self.pick, f"list exactly --layers {self.layers} indices")
+            _check(len(set(idx)) == len(idx), "pick", self.pick, "list each teacher layer at most once")
+        _check(not (self.random and self.init_from), "random", self.random, "use either --random or --init-from")
+
+
+@dataclass
+class LoopConfig:
+    """What `train` and `distil` share: data, optimisation, budgets, precision, logging, checkpoints."""
+
+    data: str = opt("", "corpus directory (token shards are built in it on first use)", required=True)
+    tokenizer: str = opt("", "tokenizer directory (default: the model's own tokenizer files)")
+    out: str = opt("", "output directory: HF model dir, checkpoints/, metrics.jsonl, run.json", required=True)
+    seq_len: int = opt(256, "tokens per training window (at most the model's context)")
+    batch_size: int = opt(16, "GLOBAL batch in windows per optimizer step, over all processes and micro-batches")
+    micro_batch_size: int = opt(0, "windows per forward pass per process (0 = batch_size / processes)")
+    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    warmup_steps: int = opt(50, "linear warmup steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases, norms, embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.98, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int = opt(1000, "stop after this many optimizer steps")
+    max_tokens: int = opt(0, "stop after this many training tokens (0 = no limit)")
+    max_minutes: float = opt(0.0, "stop after this wall-clock budget, saving first (0 = no limit)")
+    eval_every: int = opt(100, "dev loss / perplexity every N steps (0 = only at the end)")
+    eval_batches: int = opt(20, "dev batches per evaluation")
+    save_every: int = opt(200, "checkpoint every N steps (0 = only at the end)")
+    log_every: int = opt(10, "metrics.jsonl line every N steps")
+    resume: bool = opt(False, "continue exactly from OUT/checkpoints/last")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = opt(False, "torch.compile the model(s)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+    tensorboard: bool = opt(True, "also log to OUT/tensorboard when tensorboard is installed")
+    seed: int = opt(1337, "seed for data order and initialisation")
+
+    def validate(self) -> None:
+        _require(self.data, "data", "pass --data DIR (a corpus from `distil-codegpt corpus`)")
+        _require(self.out, "out", "pass --out DIR")
+        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(self.lr > 0, "lr", self.lr, "use a positive learning rate")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1]")
+        _check(self.max_minutes >= 0, "max_minutes", self.max_minutes, "use 0 (no limit) or more")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "use 0 (off) or more")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Causal-LM training of a model from scratch (a preset) or fine-tuning of an existing one."""
+
+    model: str = opt("tiny", "a preset (tiny, small-cpu, codegpt-small) to train from scratch, or an HF dir/hub id")
+    layers: int = opt(0, "override the preset's layer count (0 = the preset's)")
+
+
+@dataclass
+class DistilConfig(LoopConfig):
+    """Knowledge distillation of a student from a teacher (frozen, or trained alongside)."""
+
+    teacher: str = opt("", "teacher model: HF dir or hub id", required=True)
+    student: str = opt("", "initial student: HF dir (from `distil-codegpt student`)", required=True)
+    teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
+    temperature: float = opt(2.0, "softmax temperature T of the KD loss")
+    alpha_ce: float = opt(5.0, "weight of KL(teacher_T || student_T) * T^2")
+    alpha_clm: float = opt(2.0, "weight of the student's causal-LM cross-entropy")
+    alpha_cos: float = opt(1.0, "weight of (1 - cosine) between mapped hidden states")
+    alpha_mse: float = opt(0.0, "weight of the MSE between logits")
+    cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
+    teacher_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = same as lr)")
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.teacher, "teacher", "pass --teacher DIR")
+        _require(self.student, "student", "pass --student DIR (make one with `distil-codegpt student`)")
+        _check(self.temperature > 0, "temperature", self.temperature, "use a positive temperature")
+        for name in ("alpha_ce", "alpha_clm", "alpha_cos", "alpha_mse", "teacher_lr"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(
+            self.alpha_ce + self.alpha_clm + self.alpha_cos + self.alpha_mse > 0,
+            "alpha_ce",
+            self.alpha_ce,
+            "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive",
+        )
+        _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -216,7 +331,9 @@ def build_config(cls: type[T], values: dict[str, Any] | None = None, yaml_path: 
     for key in merged:
         if key.replace("-", "_") not in known:
             raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(sorted(known))}")
-    kwargs = {k.replace("-", "_"): _coerce(k.replace("-", "_"), hints[k.replace("-", "_")], v) for k, v in merged.items()}
+    kwargs = {
+        k.replace("-", "_"): _coerce(k.replace("-", "_"), hints[k.replace("-", "_")], v) for k, v in merged.items()
+    }
     cfg = cls(**kwargs)
     cfg.validate()
     return cfg

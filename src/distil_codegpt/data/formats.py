@@ -16,7 +16,9 @@ def corpus_format(data_dir: str | Path) -> str:
     """The format a corpus directory was built in, from its corpus.json."""
     manifest = Path(data_dir) / "corpus.json"
     if not manifest.is_file():
-        raise UserError(f"{data_dir}: no corpus.json; build the corpus first with `distil-codegpt corpus --out {data_dir}`")
+        raise UserError(
+            f"{data_dir}: no corpus.json; build the corpus first with `distil-codegpt corpus --out {data_dir}`"
+        )
     fmt = json.loads(manifest.read_text())["config"]["format"]
     if fmt not in FORMATS:
         raise UserError(f"{manifest}: unknown format {fmt!r}; rebuild the corpus")

@@ -340,13 +340,15 @@ def _needs_space(a: str, b: str, brackets: list[str], unary: bool) -> bool:
 def _format_line(tokens: list[str], brackets: list[str]) -> str:
     """Join one physical line's tokens; `brackets` carries the open brackets across lines."""
     out = ""
-    prev = ""
-    for tok in tokens:
-        if out:
-            unary = prev in ("-", "+", "*", "**") and (prev_prev in _UNARY_AFTER or prev_prev in "([{," or not prev_prev)
+    for i, tok in enumerate(tokens):
+        if i:
+            prev, before = tokens[i - 1], tokens[i - 2] if i >= 2 else ""
+            # `-x`, `*args`: an operator that follows another operator, a keyword or an opening is unary.
+            unary = prev in ("-", "+", "*", "**", "~") and (
+                before in _UNARY_AFTER or before in ("", "(", "[", "{", ",")
+            )
             out += " " if _needs_space(prev, tok, brackets, unary) else ""
         out += tok
-        prev_prev, prev = (prev, tok) if out != tok else ("", tok)
         if tok in _OPEN:
             brackets.append(tok)
         elif tok in _CLOSE and brackets:

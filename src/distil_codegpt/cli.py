@@ -1,0 +1,126 @@
+"""`distil-codegpt VERB [--config FILE.yaml] [--flag value ...]`: one verb per pipeline stage.
+
+This file is a table: each verb names its config dataclass (flags are generated from its fields, help
+from their docs) and the function that runs it. Heavy imports happen inside the verbs so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+from distil_codegpt import __version__
+from distil_codegpt.config import (
+    ConfigError,
+    CorpusConfig,
+    PrepareConfig,
+    ShardsConfig,
+    TokenizerConfig,
+    UserError,
+    build_config,
+    field_types,
+)
+from distil_codegpt.report_text import print_corpus, print_prepare, print_shards, print_tokenizer
+
+
+def _corpus(cfg: CorpusConfig) -> None:
+    from distil_codegpt.data.corpus import build_corpus
+
+    print_corpus(build_corpus(cfg), cfg.out)
+
+
+def _tokenizer(cfg: TokenizerConfig) -> None:
+    from distil_codegpt.data.tokenizer import train_tokenizer
+
+    print_tokenizer(train_tokenizer(cfg), cfg.out)
+
+
+def _shards(cfg: ShardsConfig) -> None:
+    from distil_codegpt.data.shards import build_shards
+
+    print_shards(build_shards(cfg))
+
+
+def _prepare(cfg: PrepareConfig) -> None:
+    from distil_codegpt.pipeline import prepare
+
+    print_prepare(prepare(cfg))
+
+
+# verb -> (config class, runner, one-line description)
+VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+    "corpus": (
+        CorpusConfig,
+        _corpus,
+        "Python source trees -> train/dev/test + line-completion sets (CodeXGLUE format)",
+    ),
+    "tokenizer": (TokenizerConfig, _tokenizer, "train a byte-level BPE tokenizer on a corpus's train split"),
+    "shards": (ShardsConfig, _shards, "tokenise the splits into memmap token shards for training"),
+    "prepare": (PrepareConfig, _prepare, "corpus + tokenizer + shards in one go, and a summary"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        shown = (
+            ""
+            if default in ("", [])
+            else f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        )
+        help_text = f.metadata.get("help", "") + shown
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        origin = typing.get_origin(tp)
+        if origin is Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif origin is list:
+            kw.update(nargs="+", action="extend", metavar=f.name.upper().rstrip("S") or "X")
+        elif tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["metavar"] = {int: "N", float: "X"}.get(tp, "DIR" if f.name in ("out", "data") else "VALUE")
+        parser.add_argument(_flag(f.name), **kw)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distil-codegpt",
+        description="Distil GPT-2 code-completion models into small, fast students; measure what each step gives.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (cls, _, desc) in VERBS.items():
+        p = sub.add_parser(verb, help=desc, description=f"{desc}. {cls.__doc__ or ''}".strip())
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (flags override it)")
+        _add_fields(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    cls, run, _ = VERBS[args.verb]
+    values = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
+    try:
+        cfg = build_config(cls, values, args.config)
+        run(cfg)
+    except (ConfigError, UserError) as e:
+        print(f"distil-codegpt {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distil-codegpt {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Plain-text summaries the CLI prints at the end of a stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def corpus_lines(s: dict[str, Any]) -> list[str]:
+    f = s["files"]
+    skipped = ", ".join(f"{k} {v}" for k, v in f["skipped"].items()) or "none"
+    rows = [[k, f"{v['files']:,}", f"{v['tokens']:,}", f"{v['bytes'] / 1e6:.1f}"] for k, v in s["splits"].items()]
+    return [
+        f"corpus ({s['config']['format']}, python {s['python']}): {', '.join(s['config']['src'])}",
+        f"  files seen {f['seen']:,}, kept {f['kept']:,}, exact duplicates {f['duplicates']:,}",
+        f"  skipped: {skipped}",
+        _table(rows, ["split", "files", "tokens", "MB"]),
+        f"  line completion: test {s['line_completion']['test']:,}, dev {s['line_completion']['dev']:,} examples",
+        f"  time: {s['seconds']['total']:.1f} s",
+    ]
+
+
+def print_corpus(s: dict[str, Any], out: str) -> None:
+    print("\n".join(corpus_lines(s) + [f"  written to {out}"]))
+
+
+def tokenizer_lines(s: dict[str, Any]) -> list[str]:
+    return [f"tokenizer: vocab {s['vocab_size']:,}, trained on {s['n_docs']:,} documents in {s['seconds']:.1f} s"]
+
+
+def print_tokenizer(s: dict[str, Any], out: str) -> None:
+    print("\n".join(tokenizer_lines(s) + [f"  written to {out}"]))
+
+
+def shards_lines(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [split, f"{v['n_docs']:,}", f"{v['n_tokens']:,}", v["dtype"], f"{v['seconds']:.1f}"]
+        for split, v in s["splits"].items()
+    ]
+    return [
+        f"shards: {s['out']}" + (" (already built, reused)" if s.get("reused") else ""),
+        _table(rows, ["split", "docs", "tokens", "dtype", "seconds"]),
+    ]
+
+
+def print_shards(s: dict[str, Any]) -> None:
+    print("\n".join(shards_lines(s)))
+
+
+def print_prepare(s: dict[str, Any]) -> None:
+    lines = corpus_lines(s["corpus"]) + [""] + tokenizer_lines(s["tokenizer"]) + [""] + shards_lines(s["shards"])
+    lines += ["", f"run directory: {s['out']}  (data/, tok/, run.json)"]
+    print("\n".join(lines))
