@@ -17,14 +17,24 @@ from distil_codegpt import __version__
 from distil_codegpt.config import (
     ConfigError,
     CorpusConfig,
+    DistilConfig,
     PrepareConfig,
     ShardsConfig,
+    StudentConfig,
     TokenizerConfig,
+    TrainConfig,
     UserError,
     build_config,
     field_types,
 )
-from distil_codegpt.report_text import print_corpus, print_prepare, print_shards, print_tokenizer
+from distil_codegpt.report_text import (
+    print_corpus,
+    print_prepare,
+    print_shards,
+    print_student,
+    print_tokenizer,
+    print_training,
+)
 
 
 def _corpus(cfg: CorpusConfig) -> None:
@@ -51,6 +61,24 @@ def _prepare(cfg: PrepareConfig) -> None:
     print_prepare(prepare(cfg))
 
 
+def _student(cfg: StudentConfig) -> None:
+    from distil_codegpt.model.student import build_student
+
+    print_student(build_student(cfg), cfg.out)
+
+
+def _train(cfg: TrainConfig) -> None:
+    from distil_codegpt.distill.run import run_train
+
+    print_training(run_train(cfg), cfg.out)
+
+
+def _distil(cfg: DistilConfig) -> None:
+    from distil_codegpt.distill.run import run_distil
+
+    print_training(run_distil(cfg), cfg.out)
+
+
 # verb -> (config class, runner, one-line description)
 VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "corpus": (
@@ -61,6 +89,9 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "tokenizer": (TokenizerConfig, _tokenizer, "train a byte-level BPE tokenizer on a corpus's train split"),
     "shards": (ShardsConfig, _shards, "tokenise the splits into memmap token shards for training"),
     "prepare": (PrepareConfig, _prepare, "corpus + tokenizer + shards in one go, and a summary"),
+    "student": (StudentConfig, _student, "initialise a student from k teacher layers, another model, or at random"),
+    "train": (TrainConfig, _train, "causal-LM training of a teacher (from a preset) or fine-tuning of a model"),
+    "distil": (DistilConfig, _distil, "knowledge distillation: teacher -> student (frozen or in-training teacher)"),
 }
 
 
@@ -89,7 +120,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["metavar"] = {int: "N", float: "X"}.get(tp, "DIR" if f.name in ("out", "data") else "VALUE")
-        parser.add_argument(_flag(f.name), **kw)
+        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), **kw)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -131,7 +131,9 @@ class StudentConfig:
     out: str = opt("", "output directory for the student (HF model dir)", required=True)
     layers: int = opt(6, "number of transformer layers of the student")
     pick: str = opt("uniform", "which teacher layers: uniform | first | last | a list like 0,2,4,7,9,11")
-    init_from: str = opt("", "start from this pretrained model's weights instead (the 'Pretrained-Weights' variant)")
+    init_from: str = opt(
+        "", "start from this pretrained model's weights instead (the 'Pretrained-Weights' variant)", aliases=["--from"]
+    )
     random: bool = opt(False, "same shape, untrained weights (a control)")
     seed: int = opt(1337, "seed for random initialisation")
 

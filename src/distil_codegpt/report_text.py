@@ -56,3 +56,19 @@ def print_prepare(s: dict[str, Any]) -> None:
     lines = corpus_lines(s["corpus"]) + [""] + tokenizer_lines(s["tokenizer"]) + [""] + shards_lines(s["shards"])
     lines += ["", f"run directory: {s['out']}  (data/, tok/, run.json)"]
     print("\n".join(lines))
+
+
+def print_student(s: dict[str, Any], out: str) -> None:
+    picked = f", teacher layers {s['layer_map']}" if s.get("layer_map") else ""
+    print(
+        f"student ({s['init']}): {s['layers']} layers{picked}, {s['params']:,} parameters"
+        f" ({s['size_mb']:.1f} MB fp32; teacher {s['teacher_params']:,})\n  written to {out}"
+    )
+
+
+def print_training(m: dict[str, Any], out: str) -> None:
+    line = f"{m['steps']} steps, {m['tokens']:,} tokens in {m['seconds']:.0f} s ({m['stop_reason']})"
+    dev = f"dev loss {m['dev_loss']:.4f}, perplexity {m['dev_ppl']:.2f}"
+    if "teacher_dev_loss" in m:
+        dev += f"; teacher dev loss {m['teacher_dev_loss']:.4f}"
+    print(f"{line}\n  {dev}\n  model written to {out}")

@@ -1,0 +1,124 @@
+"""The `train` and `distil` verbs: load models, tokenizer and shards, check them against each other, run the loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainConfig, to_dict
+from distil_codegpt.data.shards import ensure_shards
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.distill.trainer import Runtime, Trainer, setup_runtime
+from distil_codegpt.model.presets import PRESETS, count_params, gpt2_config, load_model
+from distil_codegpt.runinfo import write_manifest
+
+
+def _tokenizer_dir(cfg: LoopConfig, *model_dirs: str) -> str:
+    """--tokenizer, else the first model directory that carries tokenizer files."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for d in model_dirs:
+        if d and (Path(d) / "tokenizer.json").is_file():
+            return d
+    raise ConfigError("tokenizer: missing; pass --tokenizer DIR (from `distil-codegpt tokenizer`)")
+
+
+def _shards(cfg: LoopConfig, rt: Runtime, tok_dir: str) -> Path:
+    """Build the token shards on first use (one process builds, the others wait)."""
+    if rt.main:
+        shard_dir = ensure_shards(cfg.data, tok_dir)
+    if rt.world > 1:
+        dist.barrier()
+    if not rt.main:
+        shard_dir = ensure_shards(cfg.data, tok_dir)  # now only reads the headers
+    return shard_dir
+
+
+def _check_model(model: torch.nn.Module, name: str, n_vocab: int, seq_len: int) -> None:
+    c = model.config
+    if c.vocab_size < n_vocab:
+        raise ConfigError(f"{name}: vocabulary {c.vocab_size} is smaller than the tokenizer's {n_vocab}; retrain it")
+    if seq_len > c.n_positions:
+        raise ConfigError(f"seq_len: {seq_len} exceeds {name}'s context of {c.n_positions}; use at most that")
+
+
+def _saver(model: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
+    def save() -> None:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return save
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = setup_runtime(cfg)
+    tok_dir = _tokenizer_dir(cfg, cfg.model if cfg.model not in PRESETS else "")
+    tokenizer = load_tokenizer(tok_dir)
+    if cfg.model in PRESETS:
+        torch.manual_seed(cfg.seed)
+        config = gpt2_config(
+            cfg.model,
+            len(tokenizer),
+            layers=cfg.layers or None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(config)
+    else:
+        model = load_model(cfg.model)
+    _check_model(model, "model", len(tokenizer), cfg.seq_len)
+    shard_dir = _shards(cfg, rt, tok_dir)
+    trainer = Trainer(cfg, rt, model, shard_dir, on_save=_saver(model, tokenizer, out))
+    metrics = trainer.fit()
+    metrics.update(params=count_params(model), device=str(rt.device), processes=rt.world)
+    if rt.main:
+        write_manifest(out, "train", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
+    return metrics
+
+
+def run_distil(cfg: DistilConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, student = load_model(cfg.teacher, role="teacher"), load_model(cfg.student, role="student")
+    tv, sv = teacher.config.vocab_size, student.config.vocab_size
+    if tv != sv:
+        raise ConfigError(
+            f"student: vocabulary {sv} differs from the teacher's {tv}; build the student from this teacher"
+            " (`distil-codegpt student --teacher ...`) so both share one tokenizer"
+        )
+    if cfg.alpha_cos > 0 and teacher.config.n_embd != student.config.n_embd:
+        raise ConfigError(
+            f"alpha_cos: {cfg.alpha_cos} needs equal widths, but student is {student.config.n_embd} wide and"
+            f" teacher {teacher.config.n_embd}; use --alpha-cos 0"
+        )
+    rt = setup_runtime(cfg)
+    tok_dir = _tokenizer_dir(cfg, cfg.student, cfg.teacher)
+    tokenizer = load_tokenizer(tok_dir)
+    _check_model(student, "student", len(tokenizer), cfg.seq_len)
+    _check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
+    shard_dir = _shards(cfg, rt, tok_dir)
+
+    def save() -> None:
+        _saver(student, tokenizer, out)()
+        if cfg.teacher_mode == "train":
+            _saver(teacher, tokenizer, out / "teacher")()
+
+    trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, on_save=save)
+    metrics = trainer.fit()
+    metrics.update(
+        params=count_params(student), teacher_params=count_params(teacher), device=str(rt.device), processes=rt.world
+    )
+    if rt.main:
+        write_manifest(out, "distil", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
+    return metrics

@@ -1,0 +1,370 @@
+"""One flat training loop for `train` (causal LM) and `distil` (KD with a frozen or in-training teacher).
+
+Batches are global: step s draws batch_size windows from a generator seeded by (seed, s), and each of
+the P processes takes its slice, then splits it into micro-batches. So the data, and in fp32 the result,
+do not depend on the number of processes, and a resumed run needs no data-loader state but the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig
+from distil_codegpt.data.shards import TokenShard
+from distil_codegpt.distill.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
+from distil_codegpt.distill.losses import LossWeights, clm_loss, distillation_loss
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world: int
+    dtype: torch.dtype | None  # autocast dtype, None = plain fp32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def setup_runtime(cfg: LoopConfig) -> Runtime:
+    """Device, precision and (under torchrun) the process group."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' but no CUDA device is visible; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision: 'fp16' needs CUDA; use fp32 or bf16")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(device, rank, world, dtype)
+
+
+def lr_factor(step: int, cfg: LoopConfig) -> float:
+    """Linear warmup to 1, then cosine or linear decay to min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, cfg: LoopConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def batch_split(cfg: LoopConfig, world: int) -> tuple[int, int]:
+    """(windows per process per step, micro-batch size); the global batch must divide evenly."""
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over {world} processes; use a multiple")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"micro_batch_size: {micro} does not divide {per_rank} windows per process; use a divisor")
+    return per_rank, micro
+
+
+class Trainer:
+    """Trains `student`; with a `teacher`, distils it (cfg.teacher_mode: frozen, or train = in-training KD)."""
+
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        rt: Runtime,
+        student: torch.nn.Module,
+        shard_dir: str | Path,
+        teacher: torch.nn.Module | None = None,
+        on_save: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg, self.rt, self.on_save = cfg, rt, on_save
+        self.per_rank, self.micro = batch_split(cfg, rt.world)
+        self.train_data = TokenShard(shard_dir, "train")
+        self.dev_data = TokenShard(shard_dir, "dev")
+        self.kd = isinstance(cfg, DistilConfig)
+        self.teacher_trains = self.kd and cfg.teacher_mode == "train"
+        self.weights = (
+            LossWeights(cfg.alpha_ce, cfg.alpha_clm, cfg.alpha_cos, cfg.alpha_mse, cfg.temperature) if self.kd else None
+        )
+        self.student = student.to(rt.device).train()
+        self.teacher = teacher.to(rt.device) if teacher is not None else None
+        if self.teacher is not None:
+            self.teacher.train(self.teacher_trains)
+            self.teacher.requires_grad_(self.teacher_trains)
+        self.opt = make_optimizer(self.student, cfg.lr, cfg, rt.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.t_opt = self.t_sched = None
+        if self.teacher_trains:
+            assert self.teacher is not None
+            self.t_opt = make_optimizer(self.teacher, cfg.teacher_lr or cfg.lr, cfg, rt.device)
+            self.t_sched = torch.optim.lr_scheduler.LambdaLR(self.t_opt, lambda s: lr_factor(s, cfg))
+        self.s_model, self.t_model = self._wrap(self.student), self._wrap(self.teacher) if self.teacher_trains else None
+        if self.t_model is None:
+            self.t_model = self.teacher
+        self.step, self.tokens = 0, 0
+        self.scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
+
+    def _wrap(self, model: torch.nn.Module | None) -> torch.nn.Module | None:
+        if model is None:
+            return None
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.rt.world > 1:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    # ------------------------------------------------------------ one step
+
+    def _loss_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(student loss, teacher loss or None, logged parts) for one micro-batch of (B, T) windows."""
+        if not self.kd:
+            logits = self.s_model(input_ids=x).logits  # (B, T, V)
+            loss = clm_loss(logits, y)
+            return loss, None, {"loss": loss.item(), "clm": loss.item()}
+        assert self.weights is not None and self.t_model is not None
+        want_hidden = self.weights.alpha_cos > 0
+        with contextlib.nullcontext() if self.teacher_trains else torch.no_grad():
+            t_out = self.t_model(input_ids=x, output_hidden_states=want_hidden)
+        t_loss = clm_loss(t_out.logits, y) if self.teacher_trains else None
+        s_out = self.s_model(input_ids=x, output_hidden_states=want_hidden)
+        s_hidden, t_hidden = self._hidden_pairs(s_out, t_out) if want_hidden else (None, None)
+        loss, parts = distillation_loss(s_out.logits, t_out.logits.detach(), y, self.weights, s_hidden, t_hidden)
+        if t_loss is not None:
+            parts["teacher_clm"] = t_loss.item()
+        return loss, t_loss, parts
+
+    def _hidden_pairs(self, s_out: Any, t_out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Student/teacher hidden states to match: the last (after ln_f), or every student layer's mapped one."""
+        s_hs, t_hs = s_out.hidden_states, t_out.hidden_states  # each (n_layer + 1) x (B, T, H)
+        if self.cfg.cos_layers == "last":
+            return [s_hs[-1]], [t_hs[-1].detach()]
+        mapping = getattr(self.student.config, "distil_layer_map", None)
+        if not mapping:
+            raise ConfigError("cos_layers: 'all' needs a student made by `distil-codegpt student` from this teacher")
+        return [s_hs[i + 1] for i in range(len(mapping))], [t_hs[j + 1].detach() for j in mapping]
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        x, y = self.train_data.random_batch(self.cfg.batch_size, self.cfg.seq_len, gen)  # global (B, T)
+        lo = self.rt.rank * self.per_rank
+        return x[lo : lo + self.per_rank].to(self.rt.device), y[lo : lo + self.per_rank].to(self.rt.device)
+
+    def train_step(self) -> dict[str, float]:
+        x, y = self._batch(self.step)
+        n_micro = self.per_rank // self.micro
+        totals: dict[str, float] = {}
+        for m in range(n_micro):
+            xb, yb = x[m * self.micro : (m + 1) * self.micro], y[m * self.micro : (m + 1) * self.micro]
+            last = m == n_micro - 1
+            with self._no_sync(last), self.rt.autocast():
+                loss, t_loss, parts = self._loss_step(xb, yb)
+            self.scaler.scale(loss / n_micro).backward()
+            if t_loss is not None:
+                (t_loss / n_micro).backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / n_micro
+        totals["grad_norm"] = self._optimizer_step(self.student, self.opt, self.sched, self.scaler)
+        if self.t_opt is not None:
+            assert self.teacher is not None
+            self._optimizer_step(self.teacher, self.t_opt, self.t_sched, None)
+        self.step += 1
+        self.tokens += self.cfg.batch_size * self.cfg.seq_len
+        return totals
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if last or self.rt.world == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in (self.s_model, self.t_model if self.teacher_trains else None):
+            if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(m.no_sync())
+        return stack
+
+    def _optimizer_step(self, model, opt, sched, scaler) -> float:  # noqa: ANN001
+        if scaler is not None:
+            scaler.unscale_(opt)
+        clip = self.cfg.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return norm
+
+    # ------------------------------------------------------------ evaluation, checkpoints
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean next-token loss over the first eval_batches micro-batches of dev windows, and its perplexity."""
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, 0
+        for i, (x, y) in enumerate(self.dev_data.sequential_batches(self.micro, self.cfg.seq_len)):
+            if i >= self.cfg.eval_batches:
+                break
+            with self.rt.autocast():
+                logits = model(input_ids=x.to(self.rt.device)).logits
+            total += clm_loss(logits, y.to(self.rt.device)).item() * y.numel()
+            n += y.numel()
+        model.train(was_training)
+        loss = total / max(n, 1)
+        return {"dev_loss": loss, "dev_ppl": math.exp(min(loss, 50.0))}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "student": self.student.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher_trains and self.teacher is not None else None,
+            "t_opt": self.t_opt.state_dict() if self.t_opt is not None else None,
+            "t_sched": self.t_sched.state_dict() if self.t_sched is not None else None,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("teacher") is not None and self.teacher is not None and self.t_opt is not None:
+            self.teacher.load_state_dict(state["teacher"])
+            self.t_opt.load_state_dict(state["t_opt"])
+            self.t_sched.load_state_dict(state["t_sched"])  # type: ignore[union-attr]
+        self.step, self.tokens = state["step"], state["tokens"]
+        set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        if self.rt.main:
+            save_checkpoint(self.cfg.out, self.state())
+            if self.on_save is not None:
+                self.on_save()
+        if self.rt.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until max_steps, max_tokens or max_minutes; `stop_at` simulates an interruption (tests)."""
+        cfg, rt = self.cfg, self.rt
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.load_state(load_checkpoint(out))
+        elif checkpoint_path(out).exists():
+            raise ConfigError(f"out: {str(out)!r} already holds a run; pass --resume to continue it or another --out")
+        log = open(out / "metrics.jsonl", "a") if rt.main else None  # noqa: SIM115
+        writer = _tensorboard(out) if rt.main and cfg.tensorboard else None
+        start, last_t, last_tokens = time.perf_counter(), time.perf_counter(), self.tokens
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="distil" if self.kd else "train", disable=not rt.main)
+        record: dict[str, Any] = {}
+        reason = "max_steps"
+        try:
+            while self.step < cfg.max_steps:
+                if cfg.max_tokens and self.tokens >= cfg.max_tokens:
+                    reason = "max_tokens"
+                    break
+                if cfg.max_minutes and time.perf_counter() - start >= cfg.max_minutes * 60:
+                    reason = "max_minutes"
+                    break
+                if stop_at is not None and self.step >= stop_at:
+                    reason = "stopped"
+                    break
+                parts = self.train_step()
+                bar.update()
+                record = {"step": self.step, "tokens": self.tokens, "lr": self.sched.get_last_lr()[0], **parts}
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    now = time.perf_counter()
+                    record["tokens_per_s"] = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
+                    last_t, last_tokens = now, self.tokens
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    record.update(self._evaluate_all())
+                if log is not None and ("tokens_per_s" in record or "dev_loss" in record):
+                    _log(log, writer, record)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            self.save()
+            raise
+        finally:
+            bar.close()
+        final = self._evaluate_all()
+        if log is not None:
+            _log(log, writer, {"step": self.step, "tokens": self.tokens, **final})
+            log.close()
+        if writer is not None:
+            writer.close()
+        self.save()
+        seconds = time.perf_counter() - start
+        return {
+            "steps": self.step,
+            "tokens": self.tokens,
+            "stop_reason": reason,
+            "seconds": round(seconds, 2),
+            "train_loss": record.get("loss"),
+            **final,
+        }
+
+    def _evaluate_all(self) -> dict[str, float]:
+        metrics = self.evaluate(self.student)
+        if self.teacher_trains and self.teacher is not None:
+            metrics.update({f"teacher_{k}": v for k, v in self.evaluate(self.teacher).items()})
+        return metrics
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log(log: Any, writer: Any, record: dict[str, Any]) -> None:
+    log.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
+    log.flush()
+    if writer is not None:
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(k, v, record["step"])

@@ -1,0 +1,1 @@
+"""Model shapes (presets.py) and student initialisation from a teacher (student.py)."""

@@ -1,0 +1,179 @@
+"""A student's starting weights: k of the teacher's layers (default), another pretrained model's, or random.
+
+The student is a plain GPT-2 with fewer blocks. Copying follows nanoGPT's `from_pretrained`: every student
+tensor is taken from a named tensor of the source model and must have exactly its shape, or we stop.
+What was done is written into the student's config.json (attributes `distil_*`, kept by GPT2Config as extra
+keys), so the student directory says where it came from and stays loadable with no code of ours.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
+
+from distil_codegpt.config import ConfigError, StudentConfig, to_dict
+from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb
+from distil_codegpt.runinfo import write_manifest
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+
+
+def pick_layers(n_teacher: int, k: int, pick: str = "uniform", *, source: str = "teacher") -> list[int]:
+    """Which of the source's `n_teacher` blocks the k student blocks start from, in ascending order.
+
+    uniform: k layers spread evenly over depth, first and last included: round-half-up of i*(n-1)/(k-1), which
+        gives DistilGPT2's [0, 2, 4, 7, 9, 11] for 6 of 12. For k = 1 it is [0]: dropping top layers is what
+        hurts least (Sajjad et al. 2020), and block 0 sees the embeddings it was trained on.
+    first / last: the bottom / top k blocks.
+    "0,2,4": these blocks, each once, ascending (reordering blocks breaks the residual stream's progression).
+    """
+    if k < 1:
+        raise ConfigError(f"layers: {k!r} is not allowed; use 1 or more")
+    if k > n_teacher:
+        raise ConfigError(f"layers: {k} is more than the {n_teacher} layers of the {source}; use {n_teacher} or fewer")
+    if pick == "uniform":
+        if k == 1:
+            return [0]
+        # integer form of floor(i * (n-1) / (k-1) + 1/2): no float ties that round the wrong way
+        return [(2 * i * (n_teacher - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+    if pick == "first":
+        return list(range(k))
+    if pick == "last":
+        return list(range(n_teacher - k, n_teacher))
+    if not re.fullmatch(r"\d+(,\d+)*", pick):
+        raise ConfigError(f"pick: {pick!r} is not allowed; use uniform, first, last or indices like 0,2,4")
+    idx = [int(i) for i in pick.split(",")]
+    if len(idx) != k:
+        raise ConfigError(f"pick: {pick!r} lists {len(idx)} layers; list exactly --layers {k} indices")
+    if max(idx) >= n_teacher:
+        raise ConfigError(f"pick: {pick!r} names layer {max(idx)}; the {source} has layers 0..{n_teacher - 1}")
+    if any(a >= b for a, b in zip(idx, idx[1:])):
+        raise ConfigError(f"pick: {pick!r} is not allowed; list each layer once, in ascending order")
+    return idx
+
+
+def layer_map(model: PreTrainedModel | PretrainedConfig) -> list[int] | None:
+    """The teacher layer each student layer was copied from; None when the student did not come from the teacher."""
+    config = getattr(model, "config", model)
+    found = getattr(config, "distil_layer_map", None)
+    return list(found) if found else None
+
+
+def student_config(source: PretrainedConfig, layers: int) -> GPT2Config:
+    """The source's config with `layers` blocks; stale `distil_*` keys of a source that was itself a student go."""
+    values = {k: v for k, v in source.to_dict().items() if not k.startswith("distil_")}
+    values["n_layer"] = layers
+    return GPT2Config.from_dict(values)
+
+
+def copy_weights(source: GPT2LMHeadModel, student: GPT2LMHeadModel, picked: list[int]) -> None:
+    """Copy embeddings, final norm, LM head and block picked[i] -> student block i, checking every shape.
+
+    Works whether or not the LM head is tied: a tied head appears in both state dicts as the same tensor
+    as wte (transformer.wte.weight, (vocab, n_embd)), so it is simply written twice with the same values.
+    """
+    src = source.state_dict()
+    with torch.no_grad():
+        for key, tensor in student.state_dict().items():
+            block = _BLOCK.match(key)
+            src_key = f"transformer.h.{picked[int(block[1])]}.{key[block.end() :]}" if block else key
+            if src_key not in src:
+                raise RuntimeError(f"student tensor {key} has no source tensor {src_key}; the models are not alike")
+            if src[src_key].shape != tensor.shape:
+                shapes = f"{tuple(tensor.shape)} vs {tuple(src[src_key].shape)}"
+                raise RuntimeError(f"shape mismatch: student {key} vs source {src_key}: {shapes}")
+            tensor.copy_(src[src_key])
+
+
+def copy_tokenizer(teacher: str, out: Path) -> list[str]:
+    """Put the teacher's tokenizer next to the student so the directory is self-contained; returns the files."""
+    if looks_local(teacher):
+        src = Path(teacher).expanduser()
+        files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+        for name in files:
+            shutil.copyfile(src / name, out / name)
+        return files
+    try:
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    except (OSError, ValueError):  # a hub model without tokenizer files: the student still builds
+        return []
+    return [name for name in TOKENIZER_FILES if (out / name).is_file()]
+
+
+def build_student(cfg: StudentConfig) -> dict[str, Any]:
+    """Write a student model directory (weights, config, tokenizer, run.json); returns its summary."""
+    start = time.perf_counter()
+    out = Path(cfg.out).expanduser()
+    for field, name in (("teacher", cfg.teacher), ("init_from", cfg.init_from)):
+        if name and looks_local(name) and out.resolve() == Path(name).expanduser().resolve():
+            raise ConfigError(f"out: {cfg.out!r} is the {field}'s directory; pass a new directory")
+
+    # fp32 whatever the checkpoint stores: transformers 5 would otherwise keep e.g. an fp16 checkpoint in fp16
+    teacher = load_model(cfg.teacher, role="teacher", dtype=torch.float32)
+    init: Literal["teacher", "pretrained", "random"] = "teacher"
+    source = teacher
+    if cfg.random:
+        init = "random"
+    elif cfg.init_from:
+        init = "pretrained"
+        source = load_model(cfg.init_from, role="init_from", dtype=torch.float32)
+        _check_same_width(teacher.config, source.config, cfg.init_from)
+
+    picked = None
+    if init != "random":
+        label = "teacher" if init == "teacher" else "init_from model"
+        picked = pick_layers(source.config.n_layer, cfg.layers, cfg.pick, source=label)
+    config = student_config(source.config, cfg.layers)
+    config.distil_init = init
+    config.distil_teacher = cfg.teacher
+    config.distil_init_from = cfg.init_from or None
+    # teacher layer per student layer, for losses that match hidden states; only known when copied from it
+    config.distil_layer_map = picked if init == "teacher" else None
+    # the layers taken from whichever model the weights came from (the teacher or init_from)
+    config.distil_source_layers = picked
+
+    torch.manual_seed(cfg.seed)
+    student = GPT2LMHeadModel(config)
+    if picked is not None:
+        copy_weights(source, student, picked)
+
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out, safe_serialization=True)
+    tokenizer_files = copy_tokenizer(cfg.teacher, out)
+    summary: dict[str, Any] = {
+        "init": init,
+        "layers": cfg.layers,
+        "layer_map": config.distil_layer_map,
+        "source_layers": picked,
+        "params": count_params(student),
+        "size_mb": round(model_size_mb(student), 3),
+        "teacher_layers": teacher.config.n_layer,
+        "teacher_params": count_params(teacher),
+        "tokenizer_files": tokenizer_files,
+    }
+    write_manifest(out, "student", to_dict(cfg), summary, time.perf_counter() - start, cfg.seed)
+    return summary
+
+
+def _check_same_width(teacher: PretrainedConfig, other: PretrainedConfig, name: str) -> None:
+    """Distillation compares logits token by token and hidden states position by position: both must line up."""
+    if (other.vocab_size, other.n_embd) != (teacher.vocab_size, teacher.n_embd):
+        raise ConfigError(
+            f"init_from: {name!r} has vocab {other.vocab_size} and width {other.n_embd}, the teacher has vocab "
+            f"{teacher.vocab_size} and width {teacher.n_embd}; pass a model with the teacher's tokenizer and width"
+        )

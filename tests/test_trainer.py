@@ -1,0 +1,247 @@
+"""The training loop: learning, exact resume, frozen vs in-training teacher, DDP equivalence, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from distil_codegpt.config import ConfigError, DistilConfig, StudentConfig, TrainConfig, build_config
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.distill.run import run_distil, run_train
+from distil_codegpt.distill.trainer import Trainer, lr_factor, setup_runtime
+from distil_codegpt.model.presets import gpt2_config
+from distil_codegpt.model.student import build_student
+
+LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 4, "log_every": 1, "warmup_steps": 2, "tensorboard": False}
+
+
+def tiny_model(tok_dir: Path, layers: int = 2, dropout: float = 0.1, seed: int = 0) -> GPT2LMHeadModel:
+    tok = load_tokenizer(tok_dir)
+    cfg = gpt2_config("tiny", len(tok), layers=layers)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = dropout
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def train_cfg(tiny_data: dict, out: Path, **kw) -> TrainConfig:
+    values = {**LOOP, "data": str(tiny_data["data"]), "tokenizer": str(tiny_data["tok"]), "out": str(out), **kw}
+    return build_config(TrainConfig, values)
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule() -> None:
+    cfg = build_config(TrainConfig, {"data": "d", "out": "o", "warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
+    assert [round(lr_factor(s, cfg), 4) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.55, 0.1]
+
+
+def test_training_lowers_dev_loss(tiny_data: dict, tmp_path: Path) -> None:
+    metrics = run_train(train_cfg(tiny_data, tmp_path / "t", max_steps=60, lr=3e-3, eval_every=0))
+    untrained = Trainer(
+        train_cfg(tiny_data, tmp_path / "u"),
+        setup_runtime(train_cfg(tiny_data, tmp_path / "u")),
+        tiny_model(tiny_data["tok"]),
+        tiny_data["shards"],
+    ).evaluate(tiny_model(tiny_data["tok"]))
+    assert metrics["dev_loss"] < untrained["dev_loss"] - 1.5, (metrics, untrained)
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path / "t")
+    assert saved.config.n_layer == 2 and (tmp_path / "t" / "tokenizer.json").is_file()
+    run = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert run["stage"] == "train" and run["metrics"]["steps"] == 60
+    lines = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        lines[0]["step"] == 1
+        and "tokens_per_s" in lines[0]
+        and lines[-1]["dev_loss"] == pytest.approx(metrics["dev_loss"], rel=1e-5)
+    )
+
+
+def test_resume_is_exact(tiny_data: dict, tmp_path: Path) -> None:
+    kw = {"max_steps": 6, "eval_every": 0, "save_every": 0}
+    cfg = train_cfg(tiny_data, tmp_path / "a", **kw)
+    first = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"]), tiny_data["shards"])
+    first.fit(stop_at=3)  # as if interrupted after step 3 (it checkpoints on the way out)
+    resumed_cfg = train_cfg(tiny_data, tmp_path / "a", resume=True, **kw)
+    torch.manual_seed(999)  # the checkpoint must restore the RNG, whatever happened in between
+    resumed = Trainer(
+        resumed_cfg, setup_runtime(resumed_cfg), tiny_model(tiny_data["tok"], seed=5), tiny_data["shards"]
+    )
+    resumed.fit()
+    cfg_b = train_cfg(tiny_data, tmp_path / "b", **kw)
+    straight = Trainer(cfg_b, setup_runtime(cfg_b), tiny_model(tiny_data["tok"]), tiny_data["shards"])
+    straight.fit()
+    assert resumed.step == straight.step == 6
+    for k, v in straight.student.state_dict().items():
+        assert torch.equal(v, resumed.student.state_dict()[k]), k
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        Trainer(cfg_b, setup_runtime(cfg_b), tiny_model(tiny_data["tok"]), tiny_data["shards"]).fit()
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("kd")
+    teacher = root / "teacher"
+    run_train(train_cfg(tiny_data, teacher, max_steps=40, lr=3e-3, eval_every=0, layers=4))
+    student = root / "student"
+    build_student(build_config(StudentConfig, {"teacher": str(teacher), "out": str(student), "layers": 2}))
+    return teacher, student
+
+
+def distil_cfg(tiny_data: dict, pair: tuple[Path, Path], out: Path, **kw) -> DistilConfig:
+    values = {**LOOP, "data": str(tiny_data["data"]), "teacher": str(pair[0]), "student": str(pair[1]), "out": str(out)}
+    return build_config(DistilConfig, {**values, "max_steps": 5, "eval_every": 0, **kw})
+
+
+def test_frozen_teacher_is_unchanged(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    before = state(GPT2LMHeadModel.from_pretrained(teacher_and_student[0]))
+    student_before = state(GPT2LMHeadModel.from_pretrained(teacher_and_student[1]))
+    cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", teacher_mode="frozen")
+    from distil_codegpt.model.presets import load_model
+
+    teacher, student = load_model(str(teacher_and_student[0])), load_model(str(teacher_and_student[1]))
+    trainer = Trainer(cfg, setup_runtime(cfg), student, tiny_data["shards"], teacher=teacher)
+    trainer.fit()
+    for k, v in before.items():
+        assert torch.equal(v, teacher.state_dict()[k]), k
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in student_before.items())
+
+
+def test_in_training_teacher_changes_and_both_are_saved(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    before = state(GPT2LMHeadModel.from_pretrained(teacher_and_student[0]))
+    metrics = run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", teacher_mode="train"))
+    after = state(GPT2LMHeadModel.from_pretrained(tmp_path / "s" / "teacher"))
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())
+    assert "teacher_dev_loss" in metrics and metrics["steps"] == 5
+    log = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kd", "clm", "cos", "teacher_clm"} <= set(log[0])
+
+
+def test_distillation_beats_untrained_student(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", max_steps=40, lr=3e-3)
+    metrics = run_distil(cfg)
+    random_student = tmp_path / "r"
+    build_student(
+        build_config(
+            StudentConfig,
+            {"teacher": str(teacher_and_student[0]), "out": str(random_student), "layers": 2, "random": True},
+        )
+    )
+    from distil_codegpt.model.presets import load_model
+
+    untrained = Trainer(cfg, setup_runtime(cfg), load_model(str(random_student)), tiny_data["shards"])
+    assert metrics["dev_loss"] < untrained.evaluate(untrained.student)["dev_loss"] - 1.0
+
+
+def test_config_errors_before_compute(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one of alpha_ce"):
+        distil_cfg(tiny_data, teacher_and_student, tmp_path / "x", alpha_ce=0, alpha_clm=0, alpha_cos=0, alpha_mse=0)
+    other = tmp_path / "other"
+    m = tiny_model(tiny_data["tok"])
+    m.resize_token_embeddings(m.config.vocab_size + 8)
+    m.save_pretrained(other)
+    with pytest.raises(ConfigError, match="vocabulary 1208 differs from the teacher's 1200"):
+        run_distil(distil_cfg(tiny_data, (teacher_and_student[0], other), tmp_path / "x"))
+    with pytest.raises(ConfigError, match="batch_size: 8 does not divide|micro_batch_size: 3 does not divide"):
+        cfg = train_cfg(tiny_data, tmp_path / "y", micro_batch_size=3)
+        Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"]), tiny_data["shards"])
+    with pytest.raises(ConfigError, match="seq_len: 512 exceeds"):
+        run_train(train_cfg(tiny_data, tmp_path / "z", seq_len=512))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distil_codegpt.cli",
+            "distil",
+            "--teacher",
+            str(tmp_path / "missing"),
+            "--student",
+            str(teacher_and_student[1]),
+            "--data",
+            str(tiny_data["data"]),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "missing" in r.stderr
+
+
+def test_micro_batches_match_one_big_batch(tiny_data: dict, tmp_path: Path) -> None:
+    results = []
+    for micro in (8, 2):
+        cfg = train_cfg(tiny_data, tmp_path / f"m{micro}", micro_batch_size=micro, max_steps=3, eval_every=0)
+        t = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"], dropout=0.0), tiny_data["shards"])
+        t.fit()
+        results.append(state(t.student))
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_processes_match_one(tiny_data: dict, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes gives the weights of 1 process on the same global batch."""
+    start = tmp_path / "start"
+    tiny_model(tiny_data["tok"], dropout=0.0).save_pretrained(start)
+    load_tokenizer(tiny_data["tok"]).save_pretrained(start)
+    args = [
+        "train",
+        "--model",
+        str(start),
+        "--data",
+        str(tiny_data["data"]),
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "0",
+        "--no-tensorboard",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "distil_codegpt.cli", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "distil_codegpt.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = GPT2LMHeadModel.from_pretrained(tmp_path / "one").state_dict()
+    b = GPT2LMHeadModel.from_pretrained(tmp_path / "two").state_dict()
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]["processes"] == 2
