@@ -141,6 +141,24 @@ def test_distillation_beats_untrained_student(tiny_data: dict, teacher_and_stude
     assert metrics["dev_loss"] < untrained.evaluate(untrained.student)["dev_loss"] - 1.0
 
 
+def test_in_training_kd_resumes_exactly(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    from distil_codegpt.model.presets import load_model
+
+    def trainer(out: Path, **kw) -> Trainer:
+        cfg = distil_cfg(tiny_data, teacher_and_student, out, teacher_mode="train", max_steps=4, **kw)
+        t, s = load_model(str(teacher_and_student[0])), load_model(str(teacher_and_student[1]))
+        return Trainer(cfg, setup_runtime(cfg), s, tiny_data["shards"], teacher=t)
+
+    trainer(tmp_path / "a").fit(stop_at=2)
+    resumed = trainer(tmp_path / "a", resume=True)
+    resumed.fit()
+    straight = trainer(tmp_path / "b")
+    straight.fit()
+    for mine, theirs in ((resumed.student, straight.student), (resumed.teacher, straight.teacher)):
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(v, mine.state_dict()[k]), k
+
+
 def test_config_errors_before_compute(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least one of alpha_ce"):
         distil_cfg(tiny_data, teacher_and_student, tmp_path / "x", alpha_ce=0, alpha_clm=0, alpha_cos=0, alpha_mse=0)
@@ -244,4 +262,44 @@ def test_ddp_two_processes_match_one(tiny_data: dict, tmp_path: Path) -> None:
     b = GPT2LMHeadModel.from_pretrained(tmp_path / "two").state_dict()
     for k, v in a.items():
         torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]["processes"] == 2
+    metrics = json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]
+    assert metrics["processes"] == 2 and metrics["ranks_identical"] is True
+
+
+def test_bf16_autocast_path_tracks_fp32(tiny_data: dict, tmp_path: Path) -> None:
+    """The CUDA precision path (bf16 autocast), run on CPU at tiny size: same losses within bf16 tolerance."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = train_cfg(tiny_data, tmp_path / precision, precision=precision, max_steps=3, eval_every=0)
+        t = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"], dropout=0.0), tiny_data["shards"])
+        losses[precision] = t.fit()["dev_loss"]
+    assert setup_runtime(train_cfg(tiny_data, tmp_path / "x", precision="bf16")).dtype == torch.bfloat16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    with pytest.raises(ConfigError, match="precision: 'fp16' needs CUDA; use fp32 or bf16"):
+        setup_runtime(train_cfg(tiny_data, tmp_path / "y", precision="fp16"))
+
+
+def test_budgets_stop_and_save(tiny_data: dict, tmp_path: Path) -> None:
+    by_tokens = run_train(train_cfg(tiny_data, tmp_path / "tok", max_tokens=3 * 8 * 64, eval_every=0))
+    assert (by_tokens["stop_reason"], by_tokens["steps"]) == ("max_tokens", 3)
+    by_time = run_train(train_cfg(tiny_data, tmp_path / "time", max_minutes=1e-9, eval_every=0))
+    assert by_time["stop_reason"] == "max_minutes" and by_time["steps"] == 0
+    assert (tmp_path / "time" / "model.safetensors").is_file()
+
+
+def test_tensorboard_events_when_installed(tiny_data: dict, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run_train(train_cfg(tiny_data, tmp_path / "tb", max_steps=2, eval_every=0, tensorboard=True))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_compile_path_matches_eager(tiny_data: dict, tmp_path: Path) -> None:
+    results = []
+    for compile_ in (False, True):
+        cfg = train_cfg(tiny_data, tmp_path / str(compile_), compile=compile_, max_steps=2, eval_every=0)
+        t = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"], dropout=0.0), tiny_data["shards"])
+        t.fit()
+        results.append(state(t.student))
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5)

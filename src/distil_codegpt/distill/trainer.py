@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig
 from distil_codegpt.data.shards import TokenShard
-from distil_codegpt.distill.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
+from distil_codegpt.distill.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from distil_codegpt.distill.losses import LossWeights, clm_loss, distillation_loss
 
 
@@ -135,7 +141,9 @@ class Trainer:
         if self.t_model is None:
             self.t_model = self.teacher
         self.step, self.tokens = 0, 0
+        # fp16 needs loss scaling (one scaler per optimizer); with fp32/bf16 the scalers pass everything through.
         self.scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
+        self.t_scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
 
     def _wrap(self, model: torch.nn.Module | None) -> torch.nn.Module | None:
         if model is None:
@@ -194,13 +202,13 @@ class Trainer:
                 loss, t_loss, parts = self._loss_step(xb, yb)
             self.scaler.scale(loss / n_micro).backward()
             if t_loss is not None:
-                (t_loss / n_micro).backward()
+                self.t_scaler.scale(t_loss / n_micro).backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / n_micro
         totals["grad_norm"] = self._optimizer_step(self.student, self.opt, self.sched, self.scaler)
         if self.t_opt is not None:
             assert self.teacher is not None
-            self._optimizer_step(self.teacher, self.t_opt, self.t_sched, None)
+            self._optimizer_step(self.teacher, self.t_opt, self.t_sched, self.t_scaler)
         self.step += 1
         self.tokens += self.cfg.batch_size * self.cfg.seq_len
         return totals
@@ -216,15 +224,11 @@ class Trainer:
         return stack
 
     def _optimizer_step(self, model, opt, sched, scaler) -> float:  # noqa: ANN001
-        if scaler is not None:
-            scaler.unscale_(opt)
+        scaler.unscale_(opt)
         clip = self.cfg.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         sched.step()
         return norm
@@ -256,6 +260,7 @@ class Trainer:
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "t_scaler": self.t_scaler.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher_trains and self.teacher is not None else None,
             "t_opt": self.t_opt.state_dict() if self.t_opt is not None else None,
             "t_sched": self.t_sched.state_dict() if self.t_sched is not None else None,
@@ -266,6 +271,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.scaler.load_state_dict(state["scaler"])
+        self.t_scaler.load_state_dict(state["t_scaler"])
         if state.get("teacher") is not None and self.teacher is not None and self.t_opt is not None:
             self.teacher.load_state_dict(state["teacher"])
             self.t_opt.load_state_dict(state["t_opt"])
@@ -292,6 +298,8 @@ class Trainer:
             self.load_state(load_checkpoint(out))
         elif checkpoint_path(out).exists():
             raise ConfigError(f"out: {str(out)!r} already holds a run; pass --resume to continue it or another --out")
+        else:
+            seed_everything(cfg.seed)  # dropout draws from the global generators: same seed, same run
         log = open(out / "metrics.jsonl", "a") if rt.main else None  # noqa: SIM115
         writer = _tensorboard(out) if rt.main and cfg.tensorboard else None
         start, last_t, last_tokens = time.perf_counter(), time.perf_counter(), self.tokens
@@ -337,7 +345,9 @@ class Trainer:
             writer.close()
         self.save()
         seconds = time.perf_counter() - start
+        in_sync = {"ranks_identical": self._ranks_identical()} if rt.world > 1 else {}
         return {
+            **in_sync,
             "steps": self.step,
             "tokens": self.tokens,
             "stop_reason": reason,
@@ -345,6 +355,14 @@ class Trainer:
             "train_loss": record.get("loss"),
             **final,
         }
+
+    def _ranks_identical(self) -> bool:
+        """Whether every process holds bit-identical student weights (a check on DDP, cheap: one gather)."""
+        flat = torch.cat([p.detach().double().flatten() for p in self.student.parameters()]).cpu()
+        digest = torch.tensor([flat.sum().item(), (flat * torch.arange(len(flat), dtype=flat.dtype)).sum().item()])
+        gathered = [torch.zeros_like(digest) for _ in range(self.rt.world)]
+        dist.all_gather(gathered, digest.to(self.rt.device) if self.rt.device.type == "cuda" else digest)
+        return all(torch.equal(g.cpu(), digest) for g in gathered)
 
     def _evaluate_all(self) -> dict[str, float]:
         metrics = self.evaluate(self.student)
