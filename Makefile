@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job on the embedded default corpus (the Python standard library).
+## The main job: the study at toy scale on the Python standard library (configs/demo.yaml).
 demo: $(STAMP)
-	$(BIN)/distil-codegpt prepare --out $(OUT)
+	$(BIN)/distil-codegpt sweep configs/demo.yaml --out $(OUT)
 
 ## The test suite (CPU, tiny models and data made by the tests).
 test: $(STAMP)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distil_codegpt.cli import VERBS, make_parser
+from distil_codegpt.cli import POSITIONAL_CONFIG, POSITIONAL_FIELDS, VERBS, make_parser
 from distil_codegpt.config import ConfigError, CorpusConfig, TokenizerConfig, build_config
 
 
@@ -65,7 +65,9 @@ def test_help_for_every_verb(verb: str) -> None:
     assert r.returncode == 0
     cls = VERBS[verb][0]
     for name in cls.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in r.stdout
+        shown = name.upper() if POSITIONAL_FIELDS.get(verb) == name else "--" + name.replace("_", "-")
+        assert shown in r.stdout
+    assert ("CONFIG.yaml" if verb in POSITIONAL_CONFIG else "--config FILE.yaml") in r.stdout
 
 
 def test_bad_flag_value_exits_2(tmp_path: Path) -> None:

@@ -18,9 +18,12 @@ from distil_codegpt.config import (
     ConfigError,
     CorpusConfig,
     DistilConfig,
+    EvaluateConfig,
     PrepareConfig,
+    ReportConfig,
     ShardsConfig,
     StudentConfig,
+    SweepConfig,
     TokenizerConfig,
     TrainConfig,
     UserError,
@@ -79,6 +82,27 @@ def _distil(cfg: DistilConfig) -> None:
     print_training(run_distil(cfg), cfg.out)
 
 
+def _evaluate(cfg: EvaluateConfig) -> None:
+    from distil_codegpt.evaluate.run import print_evaluation, run_evaluate
+
+    print_evaluation(run_evaluate(cfg), cfg.out)
+
+
+def _sweep(cfg: SweepConfig) -> None:
+    from distil_codegpt.experiment.report import print_report
+    from distil_codegpt.experiment.sweep import run_sweep
+
+    summary = run_sweep(cfg)
+    print_report(summary)
+    print(f"sweep: {summary['steps']} steps ({summary['skipped']} already done) in {summary['seconds']:.0f} s")
+
+
+def _report(cfg: ReportConfig) -> None:
+    from distil_codegpt.experiment.report import build_report, print_report
+
+    print_report(build_report(cfg))
+
+
 # verb -> (config class, runner, one-line description)
 VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "corpus": (
@@ -92,16 +116,24 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "student": (StudentConfig, _student, "initialise a student from k teacher layers, another model, or at random"),
     "train": (TrainConfig, _train, "causal-LM training of a teacher (from a preset) or fine-tuning of a model"),
     "distil": (DistilConfig, _distil, "knowledge distillation: teacher -> student (frozen or in-training teacher)"),
+    "evaluate": (EvaluateConfig, _evaluate, "CodeXGLUE line-level completion: EM, ES, size, speed, latency"),
+    "sweep": (SweepConfig, _sweep, "the whole study from one YAML config: data, teacher, students, variants, report"),
+    "report": (ReportConfig, _report, "results.md, results.csv and plots from a sweep directory"),
 }
+# Verbs whose YAML config is a positional argument (`sweep CONFIG.yaml`), and fields given positionally.
+POSITIONAL_CONFIG = {"sweep"}
+POSITIONAL_FIELDS = {"report": "dir"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: str | None = None) -> None:
     hints = field_types(cls)
     for f in dataclasses.fields(cls):
+        if f.name == skip:
+            continue
         tp = hints[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         shown = (
@@ -132,8 +164,14 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (cls, _, desc) in VERBS.items():
         p = sub.add_parser(verb, help=desc, description=f"{desc}. {cls.__doc__ or ''}".strip())
-        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (flags override it)")
-        _add_fields(p, cls)
+        if verb in POSITIONAL_CONFIG:
+            p.add_argument("config", metavar="CONFIG.yaml", help="YAML file of field: value (flags override it)")
+        else:
+            p.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (flags override it)")
+        if verb in POSITIONAL_FIELDS:
+            name = POSITIONAL_FIELDS[verb]
+            p.add_argument(name, metavar=name.upper(), help=cls.__dataclass_fields__[name].metadata["help"])
+        _add_fields(p, cls, skip=POSITIONAL_FIELDS.get(verb))
     return parser
 
 

@@ -239,6 +239,109 @@ class DistilConfig(LoopConfig):
         _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
 
 
+@dataclass
+class EvaluateConfig:
+    """Line-level code completion on a CodeXGLUE line-completion file: EM, ES, size, speed, latency."""
+
+    model: str = opt("", "model: HF dir or hub id (with its tokenizer)", required=True)
+    test: str = opt("", "line-completion file: JSON lines {input, gt} (ours, or CodeXGLUE's test.json)", required=True)
+    out: str = opt("", "output directory: predictions.txt, metrics.json, run.json", required=True)
+    limit: int = opt(0, "evaluate only the first N examples (0 = all)")
+    beam: int = opt(1, "beam width: 1 = greedy; CodeXGLUE's pipeline used 5")
+    batch_size: int = opt(32, "examples decoded together")
+    max_new_tokens: int = opt(100, "at most this many new tokens per completion")
+    tokens: str = opt("", "token-completion file (e.g. DATA/test.txt) for perplexity (empty = skip)")
+    latency_samples: int = opt(50, "examples for the batch-1 latency percentiles (0 = skip)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 on CUDA")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+    seed: int = opt(0, "seed (decoding is deterministic; kept for the manifest)")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "pass --model DIR")
+        _require(self.test, "test", "pass --test FILE (e.g. DATA/line_completion/test.json)")
+        _require(self.out, "out", "pass --out DIR")
+        for name in ("beam", "batch_size", "max_new_tokens"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("limit", "latency_samples", "threads"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+
+
+@dataclass
+class ReportConfig:
+    """Tables and plots from a sweep directory (or any directory of evaluated models)."""
+
+    dir: str = opt("", "sweep directory: every */eval/metrics.json under it is a model", required=True)
+    out: str = opt("", "where results.md, results.csv and the plots go (default: DIR)")
+    baseline: str = opt("teacher", "model name the 'ES kept' and speedup columns compare against")
+
+    def validate(self) -> None:
+        _require(self.dir, "dir", "pass the sweep directory")
+
+
+VARIANTS = ("pretrained-weights", "frozen", "low-temperature", "high-temperature", "no-cosine", "longer", "ce-only")
+
+
+@dataclass
+class SweepConfig:
+    """The study in one command: corpus, tokenizer, teacher, students by KD, the 8-layer variants, evaluation,
+    report. Steps whose outputs exist are skipped, so an interrupted sweep resumes where it stopped."""
+
+    out: str = opt("", "sweep directory", required=True)
+    # Data
+    src: list[str] = opt([], "source trees (default: the running interpreter's stdlib)")
+    format: Literal["codexglue", "raw"] = opt("codexglue", "corpus format")
+    seed: int = opt(42, "seed for data, initialisation and training")
+    vocab_size: int = opt(4000, "tokenizer vocabulary (ignored when the teacher is an existing model)")
+    line_examples: int = opt(1000, "line-completion examples built for test.json")
+    # Teacher
+    teacher_model: str = opt("tiny", "a preset to train the teacher from scratch, or an HF dir/hub id")
+    teacher_layers: int = opt(12, "teacher depth when teacher_model is a preset")
+    teacher_steps: int = opt(600, "teacher training steps (0 with an existing model: use it as it is)")
+    teacher_lr: float = opt(2e-3, "teacher peak learning rate")
+    # Students
+    students: list[int] = opt([4, 6, 8, 10, 12], "student depths distilled by in-training KD, as the study did")
+    student_steps: int = opt(100, "distillation steps per student")
+    student_lr: float = opt(1e-3, "student peak learning rate")
+    variant_layers: int = opt(8, "depth of the variant students")
+    variants: list[str] = opt(list(VARIANTS), "variants of the variant_layers student: " + ", ".join(VARIANTS))
+    pretrain_steps: int = opt(0, "pretrained-weights variant: CLM steps before KD (0 = student_steps)")
+    low_temperature: float = opt(1.0, "temperature of the low-temperature variant")
+    high_temperature: float = opt(4.0, "temperature of the high-temperature variant")
+    longer_factor: float = opt(2.0, "the longer variant trains this many times student_steps")
+    temperature: float = opt(2.0, "KD temperature of every other student")
+    alpha_ce: float = opt(5.0, "KD weight")
+    alpha_clm: float = opt(2.0, "causal-LM weight")
+    alpha_cos: float = opt(1.0, "hidden-state cosine weight")
+    # Training loop
+    seq_len: int = opt(128, "tokens per training window")
+    batch_size: int = opt(16, "global batch (windows per step)")
+    micro_batch_size: int = opt(0, "windows per forward pass (0 = batch_size)")
+    warmup_steps: int = opt(20, "warmup steps of every run")
+    eval_every: int = opt(0, "dev loss every N steps during training (0 = only at the end)")
+    # Evaluation
+    eval_limit: int = opt(200, "line-completion examples evaluated per model (0 = all)")
+    eval_batch_size: int = opt(32, "evaluation batch size")
+    latency_samples: int = opt(20, "examples for batch-1 latency")
+    beam: int = opt(1, "beam width (CodeXGLUE's pipeline: 5)")
+    # Environment
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 on CUDA")
+    threads: int = opt(0, "CPU threads (0 = all cores)")
+
+    def validate(self) -> None:
+        _require(self.out, "out", "pass --out DIR")
+        for v in self.variants:
+            _check(v in VARIANTS, "variants", v, f"choose from {', '.join(VARIANTS)}")
+        for k in self.students:
+            _check(k >= 1, "students", k, "use depths of 1 or more")
+        for name in ("student_steps", "seq_len", "batch_size", "variant_layers", "teacher_layers"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("teacher_steps", "pretrain_steps", "eval_limit", "latency_samples", "warmup_steps"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -1,0 +1,136 @@
+"""The `evaluate` verb: a model and a line-completion file in; predictions.txt, metrics.json and run.json out.
+
+One pass gives every number the study compares: quality (EM, ES as CodeXGLUE computes them), throughput at the
+configured batch, batch-1 latency, memory, size, and optionally perplexity. Weights are held in fp32 and decoding
+is greedy or beam search, so the same model and file give the same predictions every run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
+from distil_codegpt.data.line_completion import read_examples
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.evaluate.completion import StopIds, complete, is_raw
+from distil_codegpt.evaluate.metrics import line_metrics
+from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, size_mb
+from distil_codegpt.model.presets import count_params, load_model, looks_local
+from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype): autocast only on CUDA, where bf16/fp16 pay off; CPU stays fp32."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' but no CUDA device is visible; use --device cpu")
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    if precision != "fp32" and not cuda:
+        raise ConfigError(f"precision: {precision!r} is for CUDA only here; use fp32 on CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.device("cuda" if cuda else "cpu"), dtype
+
+
+def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the model: predictions only mean something in the vocabulary it was trained on."""
+    if looks_local(model):
+        if not any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"model: {model} has no tokenizer (tokenizer.json); save the tokenizer with the model or copy the "
+                "tokenizer files it was trained with into that directory"
+            )
+        return load_tokenizer(model)
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model: {model!r} has no loadable tokenizer on the hub ({type(e).__name__}); pass a dir")
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate cfg.model on cfg.test; write OUT/predictions.txt, OUT/metrics.json, OUT/run.json; return metrics."""
+    t0 = time.perf_counter()
+    device, amp = eval_runtime(cfg)
+    examples = read_examples(cfg.test)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise UserError(f"test: {cfg.test} holds no examples; pass a line-completion file with JSON lines")
+    tok = model_tokenizer(cfg.model)
+    model = load_model(cfg.model, role="model", dtype=torch.float32).to(device).eval()
+    if len(tok) > model.config.vocab_size:
+        raise ConfigError(
+            f"model: tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "
+            "pass the tokenizer the model was trained with"
+        )
+    torch.manual_seed(cfg.seed)
+    inputs = [ex.input for ex in examples]
+    stops = StopIds.of(tok)
+    kw = {"beam": cfg.beam, "max_new_tokens": cfg.max_new_tokens, "device": device, "autocast_dtype": amp}
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    preds = complete(model, tok, inputs, batch_size=cfg.batch_size, stops=stops, **kw)
+    decode_s = time.perf_counter() - start
+    gpu_mem = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
+
+    lat = latency(model, tok, inputs, cfg.latency_samples, **kw)
+    ppl = perplexity(model, tok, cfg.tokens, device=device, autocast_dtype=amp) if cfg.tokens else None
+    n_raw = sum(is_raw(x) for x in inputs)
+    metrics: dict[str, Any] = {
+        **line_metrics(preds, [ex.gt for ex in examples]),
+        "params": count_params(model),
+        "size_mb": size_mb(model),
+        "disk_mb": disk_mb(cfg.model),
+        "gpu_mem_mb": gpu_mem,
+        "samples_per_s": len(inputs) / decode_s,
+        "decode_seconds": decode_s,
+        "latency_ms_p50": lat["p50"],
+        "latency_ms_p95": lat["p95"],
+        "perplexity": ppl["perplexity"] if ppl else None,
+        "perplexity_tokens": ppl["tokens"] if ppl else None,
+        "model": cfg.model,
+        "test": cfg.test,
+        "mode": "raw" if n_raw == len(inputs) else "codexglue" if n_raw == 0 else "mixed",
+        "beam": cfg.beam,
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "device": str(device),
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "threads": torch.get_num_threads() if device.type == "cpu" else cfg.threads,
+    }
+    out = Path(cfg.out)
+    atomic_write_text(out / "predictions.txt", "".join(p + "\n" for p in preds))
+    write_json(out / "metrics.json", metrics)
+    write_manifest(out, "evaluate", to_dict(cfg), metrics, time.perf_counter() - t0, seed=cfg.seed)
+    return metrics
+
+
+def print_evaluation(metrics: dict[str, Any], out: str | Path) -> None:
+    """Two lines a person reads after `distil-codegpt evaluate`; every number is in metrics.json in full."""
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    print(
+        f"EM {metrics['exact_match']:.2f}  ES {metrics['edit_sim']:.2f}  n {metrics['n']}"
+        + (f"  ppl {metrics['perplexity']:.2f}" if metrics.get("perplexity") is not None else "")
+        + f"  |  {metrics['samples_per_s']:.1f} samples/s (batch {metrics['batch_size']}, beam {metrics['beam']})"
+        + f"  latency p50 {ms(metrics['latency_ms_p50'])} ms, p95 {ms(metrics['latency_ms_p95'])} ms"
+    )
+    print(
+        f"{metrics['params']:,} params, {metrics['size_mb']:.2f} MB fp32"
+        + (f", {metrics['disk_mb']:.2f} MB on disk" if metrics.get("disk_mb") is not None else "")
+        + (f", {metrics['gpu_mem_mb']:.0f} MB GPU peak" if metrics.get("gpu_mem_mb") is not None else "")
+        + f", {metrics['device']}  ->  {Path(out) / 'predictions.txt'}, metrics.json"
+    )

@@ -1,0 +1,293 @@
+"""Turn a directory of evaluated models into the study's table (results.md, results.csv) and two trade-off plots.
+
+The published study compares each student to its teacher by ES kept and speedup, so the report computes exactly
+those from each model's eval/metrics.json. It reads only files, so it works on a sweep that is still running:
+models listed in sweep.json but not yet evaluated are shown as such instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from distil_codegpt.config import ReportConfig, UserError
+from distil_codegpt.runinfo import atomic_open, atomic_write_text
+
+FIGSIZE = (8.0, 5.5)  # inches; with DPI this fixes the PNG's pixel size (960 x 660), which the tests check
+DPI = 120
+CSV_FIELDS = (
+    "name label layers params_m size_mb samples_per_s latency_ms_p50 latency_ms_p95 edit_sim exact_match "
+    "es_kept_pct speedup perplexity"
+).split()
+_REQUIRED = ("exact_match", "edit_sim", "n", "params", "size_mb", "samples_per_s")
+
+
+class PlotSpec(NamedTuple):
+    """One trade-off plot: both are drawn by the same function, so they cannot drift apart."""
+
+    stem: str
+    x: str  # the csv column on the x axis
+    xlabel: str
+    minimize_x: bool  # smaller size is better, higher speed is better; higher ES is always better
+    title: str
+
+
+PLOTS = [
+    PlotSpec("es_vs_size", "size_mb", "size (MB, fp32)", True, "ES vs model size"),
+    PlotSpec("es_vs_speed", "samples_per_s", "inference speed (samples/s)", False, "ES vs inference speed"),
+]
+
+
+@dataclass
+class Row:
+    """One model of the sweep; `metrics` is None while it is listed in sweep.json but not evaluated yet."""
+
+    name: str
+    label: str
+    layers: int | None = None
+    kind: str | None = None
+    variant: str = ""
+    metrics: dict[str, Any] | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable JSON ({e}); re-run the stage that wrote it") from e
+
+
+def _load_metrics(path: Path) -> dict[str, Any]:
+    m = _read_json(path)
+    missing = [k for k in _REQUIRED if not isinstance(m, dict) or m.get(k) is None]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}; re-run `distil-codegpt evaluate` for this model")
+    return m
+
+
+def collect(dir: str | Path) -> list[Row]:
+    """Every model under `dir`, in sweep.json's order first (the study's order), then the others by name."""
+    root = Path(dir)
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: no such directory; pass the sweep directory (--dir) that `distil-codegpt sweep` wrote"
+        )
+    found = {p.parent.parent.relative_to(root).as_posix(): p for p in sorted(root.rglob("eval/metrics.json"))}
+    if not found:
+        raise UserError(
+            f"{root}: no evaluated model (no */eval/metrics.json); run `distil-codegpt sweep` or `evaluate` first"
+        )
+    found = {(root.name if name == "." else name): p for name, p in found.items()}
+    sweep = _read_json(root / "sweep.json") if (root / "sweep.json").is_file() else {"models": []}
+    rows: list[Row] = []
+    for entry in sweep.get("models", []):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError(f"{root / 'sweep.json'}: model entry {entry!r} has no name; re-run `distil-codegpt sweep`")
+        name, path = str(entry["name"]), found.pop(str(entry["name"]), None)
+        label, variant = str(entry.get("label") or name), str(entry.get("variant") or "")
+        metrics = _load_metrics(path) if path else None
+        rows.append(Row(name, label, entry.get("layers"), entry.get("kind"), variant, metrics))
+    rows += [Row(name=name, label=name, metrics=_load_metrics(path)) for name, path in sorted(found.items())]
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]], minimize_x: bool) -> list[int]:
+    """Indices of the points no other point beats on both axes (y is always maximised), sorted by x.
+
+    Identical points do not dominate each other, so both stay; non-finite points are ignored (a model whose
+    speed was not measured must not hide the others). O(n^2) is fine: a sweep has tens of models.
+    """
+    sign = 1.0 if minimize_x else -1.0
+    ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        ax, bx = sign * a[0], sign * b[0]
+        return ax <= bx and a[1] >= b[1] and (ax < bx or a[1] > b[1])
+
+    front = [i for i in ok if not any(dominates(points[j], points[i]) for j in ok)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
+
+
+def _record(row: Row, base: dict[str, Any] | None) -> dict[str, Any]:
+    """The csv row; the markdown table formats the same values, so the two files cannot disagree."""
+    m = row.metrics or {}
+    ratio = lambda key: m[key] / base[key] if base and base[key] else None  # noqa: E731
+    es_kept = ratio("edit_sim")
+    return {
+        "name": row.name,
+        "label": row.label,
+        "layers": row.layers,
+        "params_m": m["params"] / 1e6,
+        "size_mb": m["size_mb"],
+        "samples_per_s": m["samples_per_s"],
+        "latency_ms_p50": m.get("latency_ms_p50"),
+        "latency_ms_p95": m.get("latency_ms_p95"),
+        "edit_sim": m["edit_sim"],
+        "exact_match": m["exact_match"],
+        "es_kept_pct": None if es_kept is None else 100.0 * es_kept,
+        "speedup": ratio("samples_per_s"),
+        "perplexity": m.get("perplexity"),
+    }
+
+
+def _fmt(x: Any, spec: str, missing: str = "—") -> str:
+    return missing if x is None else spec.format(x)
+
+
+def _num(x: float) -> str:
+    """Like the study: whole numbers for big values, one decimal where it carries information."""
+    return f"{x:.1f}" if abs(x) < 10 else f"{x:,.0f}"
+
+
+def _cells(rec: dict[str, Any], with_ppl: bool) -> list[str]:
+    cells = [
+        rec["label"],
+        _fmt(rec["layers"], "{}"),
+        _num(rec["params_m"]),
+        _num(rec["size_mb"]),
+        _num(rec["samples_per_s"]),
+        f"{rec['edit_sim']:.1f}",
+        f"{rec['exact_match']:.1f}",
+        _fmt(rec["es_kept_pct"], "{:.1f}%", "n/a"),
+        _fmt(rec["speedup"], "{:.2f}×", "n/a"),
+    ]
+    return cells + ([_fmt(rec["perplexity"], "{:.2f}")] if with_ppl else [])
+
+
+def markdown_table(rows: list[Row], records: dict[str, dict[str, Any]]) -> str:
+    """The study's columns, plus perplexity when some model has it; unevaluated models keep their place."""
+    with_ppl = any(r["perplexity"] is not None for r in records.values())
+    header = ["Model", "Layers", "Params (M)", "Size (MB)", "Inf. (samples/s)", "ES", "EM", "ES kept", "Speedup"]
+    header += ["Perplexity"] if with_ppl else []
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for row in rows:
+        if row.name in records:
+            cells = _cells(records[row.name], with_ppl)
+        else:
+            cells = [row.label, _fmt(row.layers, "{}"), "not evaluated"] + [""] * (len(header) - 3)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _common(metrics: list[dict[str, Any]], key: str) -> str | None:
+    """One value when all models share it, else the spread, so a mixed sweep is visible in the header."""
+    values = sorted({m[key] for m in metrics if m.get(key) is not None}, key=str)
+    if not values:
+        return None
+    if len(values) == 1:
+        return f"{values[0]:,}" if isinstance(values[0], int) else str(values[0])
+    return " / ".join(map(str, values)) + " (differs between models)"
+
+
+def _plot(recs: list[dict[str, Any]], spec: PlotSpec, base: str | None, n: str | None, path: Path) -> None:
+    """ES against one cost axis with its Pareto front: the models worth shipping are the ones on the line."""
+    # Imported here, and through the Agg canvas rather than pyplot: no display, no global state, fast CLI start.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    recs = [r for r in recs if r[spec.x] is not None and math.isfinite(r[spec.x])]
+    pts = [(float(r[spec.x]), float(r["edit_sim"])) for r in recs]
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    front = pareto_front(pts, spec.minimize_x)
+    # The step holds the best ES reachable at that cost: up to the next, smaller/faster model's x.
+    step = "steps-post" if spec.minimize_x else "steps-pre"
+    fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+    ax.plot(fx, fy, drawstyle=step, color="tab:green", alpha=0.7, label="Pareto front")
+    ax.scatter([x for x, _ in pts], [y for _, y in pts], color="tab:blue", zorder=3, label="models")
+    for rec, (x, y) in zip(recs, pts):
+        is_base = rec["name"] == base
+        if is_base:
+            ax.scatter([x], [y], marker="*", s=260, color="tab:red", zorder=4, label=f"baseline: {rec['label']}")
+        weight = "bold" if is_base else "normal"
+        ax.annotate(rec["label"], (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8, fontweight=weight)
+    ax.set(xlabel=spec.xlabel, ylabel="ES (edit similarity, %)", title=f"{spec.title} (test set n = {n})")
+    ax.margins(x=0.12, y=0.08)  # room for the labels written to the right of the outermost points
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
+
+
+def build_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Write results.md, results.csv and plots/*.png into cfg.out (default: the sweep directory)."""
+    cfg.validate()
+    rows = collect(cfg.dir)
+    out = Path(cfg.out or cfg.dir)
+    evaluated = [r for r in rows if r.metrics is not None]
+    base_row = next((r for r in evaluated if r.name == cfg.baseline), None)
+    base = base_row.metrics if base_row else None
+    records = {r.name: _record(r, base) for r in evaluated}
+    metrics = [r.metrics for r in evaluated if r.metrics]
+    n = _common(metrics, "n")
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records.values())
+    csv_path = out / "results.csv"
+    atomic_write_text(csv_path, buf.getvalue())
+
+    plots = [out / "plots" / f"{spec.stem}.png" for spec in PLOTS]
+    base_name = base_row.name if base_row else None
+    for spec, path in zip(PLOTS, plots):
+        _plot(list(records.values()), spec, base_name, n, path)
+
+    table = markdown_table(rows, records)
+    setup = [
+        f"{label} {v}"
+        for key, label in [("device", "device"), ("beam", "beam"), ("batch_size", "batch size")]
+        if (v := _common(metrics, key)) is not None
+    ]
+    if base_row:
+        note = f"ES kept = 100 × ES / ES of the baseline `{cfg.baseline}`; speedup = samples/s ÷ the baseline's."
+    else:
+        note = (
+            f"Baseline `{cfg.baseline}` is missing (no evaluated model of that name): ES kept and speedup are "
+            "n/a; pass `--baseline NAME` to compare against another model."
+        )
+    pending = [r.label for r in rows if r.metrics is None]
+    md = [
+        f"# Line-level completion results: {Path(cfg.dir).resolve().name}",
+        "",
+        f"Test set n = {n} examples" + (f"; {', '.join(setup)}" if setup else "") + ".",
+        "Size is the fp32 weight size; Inf. is throughput measured by `distil-codegpt evaluate`.",
+        "",
+        table,
+        "",
+        note,
+        *([f"Not evaluated yet ({len(pending)}): {', '.join(pending)}."] if pending else []),
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in plots],
+        "",
+    ]
+    md_path = out / "results.md"
+    atomic_write_text(md_path, "\n".join(md))
+    return {
+        "rows": len(evaluated),
+        "results_md": str(md_path),
+        "results_csv": str(csv_path),
+        "plots": [str(p) for p in plots],
+        "table": table,
+        "baseline": base_name,
+        "not_evaluated": [r.name for r in rows if r.metrics is None],
+    }
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    """What a user wants after `report`: the table itself, then where the files are."""
+    print(summary["table"])
+    if summary.get("not_evaluated"):
+        print(f"not evaluated yet: {', '.join(summary['not_evaluated'])}")
+    print(f"results: {summary['results_md']}, {summary['results_csv']}")
+    print("plots: " + ", ".join(summary["plots"]))
