@@ -31,6 +31,7 @@ from distil_codegpt.distill.checkpoint import (
     set_rng_state,
 )
 from distil_codegpt.distill.losses import LossWeights, clm_loss, distillation_loss
+from distil_codegpt.runtime import autocast_dtype, pick_device
 
 
 @dataclass
@@ -52,24 +53,15 @@ class Runtime:
 
 def setup_runtime(cfg: LoopConfig) -> Runtime:
     """Device, precision and (under torchrun) the process group."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' but no CUDA device is visible; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device, cfg.threads, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    if cuda:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    if precision == "fp16" and not cuda:
-        raise ConfigError("precision: 'fp16' needs CUDA; use fp32 or bf16")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device, rank, world, dtype)
+    return Runtime(device, rank, world, autocast_dtype(cfg.precision, device))
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:

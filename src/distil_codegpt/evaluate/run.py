@@ -22,22 +22,15 @@ from distil_codegpt.evaluate.metrics import line_metrics
 from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, size_mb
 from distil_codegpt.model.presets import count_params, load_model, looks_local
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
+from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype): autocast only on CUDA, where bf16/fp16 pay off; CPU stays fp32."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' but no CUDA device is visible; use --device cpu")
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    if precision != "fp32" and not cuda:
-        raise ConfigError(f"precision: {precision!r} is for CUDA only here; use fp32 on CPU")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.device("cuda" if cuda else "cpu"), dtype
+    """(device, autocast dtype) by the same policy as training."""
+    device = pick_device(cfg.device, cfg.threads)
+    return device, autocast_dtype(cfg.precision, device)
 
 
 def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
@@ -106,7 +99,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
         "device": str(device),
-        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "precision": precision_name(amp),
         "threads": torch.get_num_threads() if device.type == "cpu" else cfg.threads,
     }
     out = Path(cfg.out)

@@ -151,7 +151,7 @@ class Sweep:
         for v in c.variants:
             label, desc = plans[v]
             m = Model(f"students/{k}-{v}", f"{k} layers, {label}", k, "control" if v == "ce-only" else "student", desc)
-            m.steps.append(self._student("init", init, k))  # shared with the kd-k student: skipped once made
+            m.steps.append(self._student("init", init, k))  # shared with the kd-k student and the other variants
             out = s / f"{k}-{v}"
             if v == "pretrained-weights":
                 pre = s / f"{k}-clm-pretrain"
@@ -205,7 +205,8 @@ class Sweep:
             plan.append(Step("tokenizer", self.tok / "tokenizer_meta.json",
                              lambda: train_tokenizer(build_config(TokenizerConfig, tok))))  # fmt: skip
         for m in models:
-            plan += [Step(f"{m.name}: {st.name}", st.marker, st.run) for st in m.steps]
+            planned = {st.marker for st in plan}  # the variants share the init of the kd-k student: run it once
+            plan += [Step(f"{m.name}: {st.name}", st.marker, st.run) for st in m.steps if st.marker not in planned]
             ev = {"model": str(self._model_dir(m)), "test": str(self.data / "line_completion" / "test.json"),
                   "out": str(self.out / m.name / "eval"), "limit": c.eval_limit, "batch_size": c.eval_batch_size,
                   "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device,
