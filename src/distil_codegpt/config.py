@@ -342,6 +342,100 @@ class SweepConfig:
         _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
 
 
+@dataclass
+class CompressConfig:
+    """Make a model smaller for local use: lower-precision weights, int8 quantization, pruning."""
+
+    model: str = opt("", "model directory (HF GPT-2 family)", required=True)
+    out: str = opt("", "output artifact directory (loadable by evaluate, complete, serve)", required=True)
+    dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "weight dtype of the saved model")
+    quantize: Literal["none", "int8"] = opt(
+        "none", "int8: dynamic quantization of every linear layer, LM head included"
+    )
+    prune: str = opt("", "magnitude:FRACTION (global unstructured) or heads:N (the N least important heads)")
+    heal_steps: int = opt(0, "after pruning: this many KD steps from the unpruned model (needs --data)")
+    data: str = opt("", "corpus directory for healing and for head-importance scores")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "pass --model DIR")
+        _require(self.out, "out", "pass --out DIR")
+        if self.prune:
+            kind, _, value = self.prune.partition(":")
+            ok = (kind == "magnitude" and _is_float(value) and 0 < float(value) < 1) or (
+                kind == "heads" and value.isdigit() and int(value) > 0
+            )
+            _check(ok, "prune", self.prune, "use magnitude:0.3 (fraction in (0, 1)) or heads:N (N >= 1)")
+        _check(self.heal_steps >= 0, "heal_steps", self.heal_steps, "use 0 or more")
+        _check(not self.heal_steps or bool(self.data), "data", self.data, "healing needs --data DIR (a corpus)")
+        _check(
+            not (self.quantize == "int8" and self.dtype != "fp32"),
+            "dtype",
+            self.dtype,
+            "int8 quantization starts from fp32 weights; drop --dtype",
+        )
+
+
+@dataclass
+class ExportConfig:
+    """Export a model to a fast local inference engine."""
+
+    model: str = opt("", "model directory (HF GPT-2 family)", required=True)
+    out: str = opt("", "output artifact directory", required=True)
+    format: Literal["ctranslate2", "onnx"] = opt("ctranslate2", "target engine")
+    quantize: Literal["none", "int8"] = opt("none", "int8 weights in the exported engine")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "pass --model DIR")
+        _require(self.out, "out", "pass --out DIR")
+
+
+@dataclass
+class CompleteConfig:
+    """Complete the current line of real Python code (FILE[:LINE[:COL]], or code on stdin)."""
+
+    model: str = opt("", "model directory or compressed/exported artifact", required=True)
+    file: str = opt("-", "FILE, FILE:LINE or FILE:LINE:COL (1-based; default: end of file); - = stdin")
+    max_new_tokens: int = opt(64, "longest completion in tokens")
+    temperature: float = opt(0.0, "0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling mass (with temperature > 0)")
+    seed: int = opt(0, "sampling seed")
+    device: Literal["cpu", "cuda"] = opt("cpu", "where the PyTorch engines run")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "pass --model DIR")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use 1 or more")
+        _check(self.temperature >= 0, "temperature", self.temperature, "use 0 (greedy) or more")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "use a value in (0, 1]")
+
+
+@dataclass
+class ServeConfig:
+    """Serve completions over HTTP (OpenAI-style /v1/completions) for editor plugins."""
+
+    model: str = opt("", "model directory or compressed/exported artifact", required=True)
+    host: str = opt("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes it to the network)")
+    port: int = opt(8000, "TCP port")
+    model_name: str = opt("", "model id shown in /v1/models and accepted in requests (default: directory name)")
+    max_prompt_chars: int = opt(200_000, "longest prompt accepted (longer: 413)")
+    max_tokens_limit: int = opt(256, "largest max_tokens a request may ask for")
+    queue_size: int = opt(32, "requests waiting for the model at most (more: 503)")
+    device: Literal["cpu", "cuda"] = opt("cpu", "where the PyTorch engines run")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "pass --model DIR")
+        _check(0 < self.port < 65536, "port", self.port, "use a port in 1..65535")
+        for name in ("max_prompt_chars", "max_tokens_limit", "queue_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -1,0 +1,85 @@
+"""Line-completion throughput: one-at-a-time `generate` against our batched decoding, on the same examples.
+
+    make demo
+    python benchmarks/eval_throughput.py --model runs/demo/teacher --n 200 --batch-size 32
+    python benchmarks/eval_throughput.py --preset codegpt-small --tokenizer runs/demo/tok --n 16 --batch-size 16
+
+`--model` takes a trained model directory; `--preset` builds a random-initialised model of that shape with the
+given tokenizer (a random model rarely ends a line, so nearly every completion runs to --max-new-tokens: a
+worst case). Prints samples/s of each way, their ratio, and the share of identical predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from distil_codegpt.data.line_completion import read_examples
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
+from distil_codegpt.model.presets import count_params, gpt2_config, load_model
+
+
+def naive(model, tok, inputs: list[str], max_new_tokens: int, stops: StopIds) -> list[str]:  # noqa: ANN001
+    """The plain way: each example alone through `generate` (with its KV cache), in file order."""
+    out = []
+    context = model.config.n_positions
+    with torch.inference_mode():
+        for text in inputs:
+            ids = torch.tensor([encode_inputs(tok, [text], context - max_new_tokens)[0]])
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops.for_mode(is_raw(text)),
+                pad_token_id=stops.fill,
+            )
+            out.append(finish(tok, gen[0, ids.shape[1] :].tolist(), is_raw(text), stops))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="trained model directory (with its tokenizer)")
+    p.add_argument("--preset", help="or: a preset shape, random weights (needs --tokenizer)")
+    p.add_argument("--tokenizer", default="runs/demo/tok")
+    p.add_argument("--test", default="runs/demo/data/line_completion/test.json")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.model:
+        model, tok = load_model(a.model), load_tokenizer(a.model)
+    else:
+        tok = load_tokenizer(a.tokenizer)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(gpt2_config(a.preset or "tiny", len(tok)))
+    model.eval()
+    inputs = [ex.input for ex in read_examples(a.test)[: a.n]]
+    stops = StopIds.of(tok)
+
+    start = time.perf_counter()
+    one = naive(model, tok, inputs, a.max_new_tokens, stops)
+    naive_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = complete(model, tok, inputs, a.batch_size, 1, a.max_new_tokens, "cpu", progress=False, stops=stops)
+    batched_s = time.perf_counter() - start
+
+    same = sum(x == y for x, y in zip(one, batched)) / len(inputs)
+    name = a.model or f"{a.preset} (random weights)"
+    print(f"{name}: {count_params(model):,} params; {len(inputs)} examples; {torch.get_num_threads()} threads, CPU")
+    print(f"{'way':<28} {'samples/s':>10} {'ratio':>7}")
+    print(f"{'one at a time (generate)':<28} {len(inputs) / naive_s:>10.2f} {1.0:>7.2f}")
+    print(f"{f'batched (batch {a.batch_size})':<28} {len(inputs) / batched_s:>10.2f} {naive_s / batched_s:>7.2f}")
+    print(f"identical predictions: {same:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""One interface over every way of running a model locally: PyTorch fp32, PyTorch int8, exported engines.
+
+An engine turns prompt ids into new ids, streamed one at a time so a server can send them as they come.
+`load_engine(path)` reads `engine.json` in an artifact directory to know which engine built it; a plain
+Hugging Face model directory (no engine.json) is the PyTorch fp32 engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distil_codegpt.config import UserError
+
+ENGINE_FILE = "engine.json"
+# engine name -> "module:Class" with a `load(path, device)` classmethod; imported only when used
+ENGINES = {
+    "torch": "distil_codegpt.serve.engine:TorchEngine",
+    "torch-int8": "distil_codegpt.compress.quantize:QuantizedTorchEngine",
+    "ctranslate2": "distil_codegpt.compress.export:CTranslate2Engine",
+    "onnx": "distil_codegpt.compress.export:OnnxEngine",
+}
+
+
+class Engine(ABC):
+    """What `complete`, `serve` and the latency benchmark need from a model."""
+
+    name: str
+    path: Path
+    tokenizer: Any  # a transformers fast tokenizer
+    context: int  # positions the model can attend to (prompt + new tokens)
+
+    @abstractmethod
+    def stream(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """Yield new ids one by one; stops before a stop id (not yielded) or after max_new_tokens.
+
+        temperature 0 is greedy (deterministic); otherwise sample from softmax(logits / temperature) cut to the
+        smallest set of tokens whose probability reaches top_p. The caller keeps len(ids) + max_new_tokens
+        within `context`.
+        """
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int], **kw: Any) -> list[int]:
+        return list(self.stream(ids, max_new_tokens, stop_ids, **kw))
+
+    def disk_mb(self) -> float:
+        """Size of the artifact's weight files on disk (MB = 1e6 bytes)."""
+        exts = (".safetensors", ".bin", ".pt", ".onnx", ".data")
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and f.suffix in exts) / 1e6
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Next id from one row of logits (V,): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TorchEngine(Engine):
+    """A Hugging Face GPT-2 model run by PyTorch, with its KV cache, one sequence at a time."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer, self.path, self.device = tokenizer, Path(path), torch.device(device)
+        self.context = int(model.config.n_positions)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
+        from distil_codegpt.data.tokenizer import load_tokenizer
+        from distil_codegpt.model.presets import load_model
+
+        return cls(load_model(str(path), dtype=torch.float32), load_tokenizer(path), Path(path), device)
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        x = torch.tensor([ids], device=self.device)  # (1, T)
+        past = None
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = pick_next(out.logits[0, -1].cpu(), temperature, top_p, gen)  # logits (1, T, V) -> (V,)
+            if nxt in stop_ids:
+                return
+            yield nxt
+            x = torch.tensor([[nxt]], device=self.device)
+
+
+def engine_kind(path: str | Path) -> str:
+    """The engine an artifact directory was built for: engine.json's "engine", or "torch" for an HF model dir."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"model: {p} is not a directory; pass a model or an artifact from `compress`/`export`")
+    spec = p / ENGINE_FILE
+    if not spec.is_file():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model: {p} holds neither a model (config.json) nor an engine artifact (engine.json)")
+        return "torch"
+    kind = json.loads(spec.read_text()).get("engine", "")
+    if kind not in ENGINES:
+        raise UserError(f"model: {spec} names engine {kind!r}; known: {', '.join(ENGINES)}")
+    return kind
+
+
+def load_engine(path: str | Path, device: str = "cpu") -> Engine:
+    """The engine for a model directory or an exported/compressed artifact."""
+    module, cls = ENGINES[engine_kind(path)].split(":")
+    try:
+        engine_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise UserError(f"model: {path} needs {e.name}, which is not installed; pip install {e.name}") from e
+    return engine_cls.load(path, device)
+
+
+def write_engine_spec(out: str | Path, engine: str, **details: Any) -> None:
+    """Mark an artifact directory with the engine that loads it (and how it was made)."""
+    from distil_codegpt.runinfo import write_json
+
+    write_json(Path(out) / ENGINE_FILE, {"engine": engine, **details})
