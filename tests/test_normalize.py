@@ -12,13 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distil_codegpt.data.normalize import (
-    NoCodeError,
-    NormalizeError,
-    denormalize,
-    load_literals,
-    normalize_code,
-)
+from distil_codegpt.data.denormalize import denormalize
+from distil_codegpt.data.normalize import NoCodeError, NormalizeError, load_literals, normalize_code
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LIT = load_literals()

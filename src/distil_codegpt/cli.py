@@ -15,12 +15,16 @@ from typing import Any, Literal
 
 from distil_codegpt import __version__
 from distil_codegpt.config import (
+    CompleteConfig,
+    CompressConfig,
     ConfigError,
     CorpusConfig,
     DistilConfig,
     EvaluateConfig,
+    ExportConfig,
     PrepareConfig,
     ReportConfig,
+    ServeConfig,
     ShardsConfig,
     StudentConfig,
     SweepConfig,
@@ -103,6 +107,30 @@ def _report(cfg: ReportConfig) -> None:
     print_report(build_report(cfg))
 
 
+def _compress(cfg: CompressConfig) -> None:
+    from distil_codegpt.compress.run import print_compress, run_compress
+
+    print_compress(run_compress(cfg), cfg.out)
+
+
+def _export(cfg: ExportConfig) -> None:
+    from distil_codegpt.compress.export import print_export, run_export
+
+    print_export(run_export(cfg), cfg.out)
+
+
+def _complete(cfg: CompleteConfig) -> None:
+    from distil_codegpt.serve.complete import run_complete
+
+    run_complete(cfg)
+
+
+def _serve(cfg: ServeConfig) -> None:
+    from distil_codegpt.serve.server import run_server
+
+    run_server(cfg)
+
+
 # verb -> (config class, runner, one-line description)
 VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "corpus": (
@@ -119,10 +147,14 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "evaluate": (EvaluateConfig, _evaluate, "CodeXGLUE line-level completion: EM, ES, size, speed, latency"),
     "sweep": (SweepConfig, _sweep, "the whole study from one YAML config: data, teacher, students, variants, report"),
     "report": (ReportConfig, _report, "results.md, results.csv and plots from a sweep directory"),
+    "compress": (CompressConfig, _compress, "smaller weights for local use: fp16/bf16, int8 quantization, pruning"),
+    "export": (ExportConfig, _export, "export to a fast local engine (CTranslate2)"),
+    "complete": (CompleteConfig, _complete, "complete the current line of real code (FILE[:LINE[:COL]] or stdin)"),
+    "serve": (ServeConfig, _serve, "OpenAI-style /v1/completions over HTTP for editor plugins (loopback)"),
 }
 # Verbs whose YAML config is a positional argument (`sweep CONFIG.yaml`), and fields given positionally.
 POSITIONAL_CONFIG = {"sweep"}
-POSITIONAL_FIELDS = {"report": "dir"}
+POSITIONAL_FIELDS = {"report": "dir", "complete": "file"}
 
 
 def _flag(name: str) -> str:

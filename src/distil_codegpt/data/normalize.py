@@ -34,11 +34,11 @@ _PREFIX = re.compile(r"^[a-zA-Z]+")
 
 # Python 3 operators as 3.11's tokenize knows them. 3.12 also reports `!`, `$`, `?`, backticks and `<>` as OP;
 # those are rejected so that both versions skip the same files.
-_OPERATORS = frozenset(_token.EXACT_TOKEN_TYPES) - {"!"}
+OPERATORS = frozenset(_token.EXACT_TOKEN_TYPES) - {"!"}
 _NUMBER = re.compile(tokenize.Number)
 # 3.11's tokenize takes identifiers as \w+; 3.12 takes more (and some non-identifiers) as NAME.
 _NAME = re.compile(r"\w+")
-_KEYWORDS = frozenset(__import__("keyword").kwlist)
+KEYWORDS = frozenset(__import__("keyword").kwlist)
 _FSTRING_START = {getattr(_token, n) for n in ("FSTRING_START", "TSTRING_START") if hasattr(_token, n)}
 _FSTRING_END = {getattr(_token, n) for n in ("FSTRING_END", "TSTRING_END") if hasattr(_token, n)}
 
@@ -133,11 +133,13 @@ class _TabCheck:
             raise NormalizeError("inconsistent use of tabs and spaces in indentation")
 
 
-def python_tokens(text: str) -> list[tuple[int, str, int]]:
+def python_tokens(text: str, strict: bool = True) -> list[tuple[int, str, int]]:
     """(type, string, start offset in text) of each token, with 3.11's view of f-strings on every version.
 
     A leading byte-order mark is ignored (offsets still count it).
-    Raises NormalizeError where any supported Python version would fail to tokenize the text.
+    strict: raise NormalizeError where any supported Python version would fail to tokenize the text.
+    Lenient (strict=False, for code being typed): error tokens are dropped, tabs are not checked, and a
+    tokenize error (an open bracket or string at the end) ends the list with the tokens read so far.
     """
     bom = 1 if text.startswith("\ufeff") else 0
     text = text[bom:]
@@ -165,6 +167,10 @@ def python_tokens(text: str) -> list[tuple[int, str, int]]:
                         tok = tok._replace(type=tokenize.STRING, string=string, start=fstart.start)
                 if depth:
                     continue
+            if not strict:
+                if tok.type != tokenize.ERRORTOKEN:
+                    out.append((tok.type, tok.string, bom + starts[tok.start[0] - 1] + tok.start[1]))
+                continue
             _check_token(tok, prev)
             if new_logical_line and tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
                 if tok.type != tokenize.ENDMARKER:
@@ -176,8 +182,10 @@ def python_tokens(text: str) -> list[tuple[int, str, int]]:
             out.append((tok.type, tok.string, bom + starts[tok.start[0] - 1] + tok.start[1]))
             prev = tok
     except (tokenize.TokenError, SyntaxError) as e:
+        if not strict:
+            return out
         raise NormalizeError(f"{type(e).__name__}: {e}") from None
-    if depth:
+    if depth and strict:
         raise NormalizeError("unterminated f-string")
     return out
 
@@ -185,7 +193,7 @@ def python_tokens(text: str) -> list[tuple[int, str, int]]:
 def _check_token(tok: tokenize.TokenInfo, prev: tokenize.TokenInfo | None) -> None:
     if tok.type == tokenize.ERRORTOKEN and tok.string.strip():
         raise NormalizeError(f"error token {tok.string!r} at line {tok.start[0]}")
-    if tok.type == tokenize.OP and tok.string not in _OPERATORS:
+    if tok.type == tokenize.OP and tok.string not in OPERATORS:
         raise NormalizeError(f"not a Python 3 operator {tok.string!r} at line {tok.start[0]}")
     if tok.type == tokenize.NAME and not _NAME.fullmatch(tok.string):
         raise NormalizeError(f"not an identifier {tok.string!r} at line {tok.start[0]}")
@@ -197,7 +205,7 @@ def _check_token(tok: tokenize.TokenInfo, prev: tokenize.TokenInfo | None) -> No
         prev is not None
         and prev.type == tokenize.NUMBER
         and prev.end == tok.start
-        and (tok.type == tokenize.NUMBER or (tok.type == tokenize.NAME and tok.string not in _KEYWORDS))
+        and (tok.type == tokenize.NUMBER or (tok.type == tokenize.NAME and tok.string not in KEYWORDS))
     ):
         raise NormalizeError(f"malformed number {prev.string + tok.string!r} at line {tok.start[0]}")
 
@@ -230,9 +238,21 @@ def normalize_code(text: str, literals: Literals) -> list[str]:
 
     Raises NormalizeError if the text does not tokenize, or holds no token at all.
     """
+    out = normalize_tokens(python_tokens(text), literals)
+    if out and out[0] == EOL:
+        out = out[1:]
+    if out and out[-1] == EOL:
+        out = out[:-1]
+    if not out:
+        raise NoCodeError("no code (empty, or only comments)")
+    return [BOS, *out, EOS]
+
+
+def normalize_tokens(tokens: Iterable[tuple[int, str, int]], literals: Literals) -> list[str]:
+    """Python tokens -> normalised tokens, `<EOL>` runs collapsed (but not stripped at the ends)."""
     out: list[str] = []
     prev_eol = False
-    for kind, s, _ in python_tokens(text):
+    for kind, s, _ in tokens:
         s = " ".join(s.split())
         if kind == tokenize.STRING:
             out.append(normalize_string(s, literals))
@@ -248,153 +268,4 @@ def normalize_code(text: str, literals: Literals) -> list[str]:
         else:
             out.append(s)
         prev_eol = False
-    if out and out[0] == EOL:
-        out = out[1:]
-    if out and out[-1] == EOL:
-        out = out[:-1]
-    if not out:
-        raise NoCodeError("no code (empty, or only comments)")
-    return [BOS, *out, EOS]
-
-
-# ---------------------------------------------------------------- inverse: tokens -> readable code
-
-_LIT = re.compile(r"^([a-zA-Z]*)('''|\"\"\"|'|\")?<(STR|NUM|CHAR)_LIT(?::(.*))?>('''|\"\"\"|'|\")?$", re.S)
-_OPEN, _CLOSE = "([{", ")]}"
-_DEDENT_AFTER = {"return", "pass", "break", "continue", "raise"}
-_CONTINUES = {"elif": {"if", "elif"}, "else": {"if", "elif", "for", "while", "try", "except"},
-              "except": {"try", "except"}, "finally": {"try", "except", "else"}}  # fmt: skip
-_OP_PAIRS = frozenset(op[:2] for op in _OPERATORS | {"<>"} if len(op) >= 2)
-_UNARY_AFTER = frozenset(_OPERATORS - set(_CLOSE)) | _KEYWORDS - {"True", "False", "None"}
-
-
-def _place(first: str, level: int, openers: list[tuple[int, str]]) -> tuple[int, list[tuple[int, str]]]:
-    """Indentation level of a logical line starting with `first`, and the openers still open before it."""
-    if first in _CONTINUES:
-        wanted = _CONTINUES[first]
-    elif first in ("def", "@", "async"):
-        wanted = {"def", "class"}
-    elif first == "class":
-        wanted = {"class", "def"}
-    else:
-        return level, openers
-    for i in range(len(openers) - 1, -1, -1):
-        at, kw = openers[i]
-        if kw in wanted:
-            if kw == "class" and first != "class":
-                return at + 1, openers[: i + 1]  # a method
-            return at, openers[:i]  # a sibling, or the next branch of the same statement
-    return level, openers
-
-
-@dataclass
-class Denormalized:
-    """Code rebuilt from normalised tokens; `unresolved` lists the placeholders that stand for lost literals."""
-
-    code: str
-    unresolved: list[str]
-
-
-def denormalize_token(tok: str, unresolved: list[str] | None = None) -> str:
-    """One normalised token back to source text; `<STR_LIT>` becomes an empty string, `<NUM_LIT>` a 0."""
-    m = _LIT.match(tok)
-    if not m:
-        return tok
-    prefix, q1, kind, body, q2 = m.groups()
-    if body is None:
-        if unresolved is not None:
-            unresolved.append(tok)
-        body = "0" if kind == "NUM" else ""
-    for ch, code in SPECIAL_CHARS.items():
-        body = body.replace(code, ch)
-    if kind == "CHAR" and not q1:
-        q1 = q2 = "'"
-    return f"{prefix}{q1 or ''}{body}{q2 or ''}"
-
-
-def _word_char(c: str) -> bool:
-    return c.isalnum() or c == "_"
-
-
-def _needs_space(a: str, b: str, brackets: list[str], unary: bool) -> bool:
-    """Whether two adjacent tokens on one line are written with a space between them (PEP 8-ish)."""
-    # Never glue two tokens into one: names/numbers/string prefixes, or operators like `=` `=` -> `==`.
-    if _word_char(a[-1]) and (_word_char(b[0]) or b[0] in "'\""):
-        return True
-    if a[-1] + b[0] in _OP_PAIRS or (a[-1].isdigit() and b[0] == ".") or (a[-1] == "." and b[0].isdigit()):
-        return True
-    if b in (")", "]", "}", ",", ";", ".") or a in ("(", "[", "{", ".", "~", "@") or unary:
-        return False
-    if b in ("(", "[") and (_word_char(a[-1]) or a[-1] in ")]}'\"") and a not in _KEYWORDS:
-        return False  # call or subscript
-    if b == ":":
-        return False
-    in_brackets = brackets[-1] if brackets else ""
-    if a == ":" and in_brackets == "[":
-        return False  # slice
-    if "=" in (a, b) and in_brackets == "(":
-        return False  # keyword argument
-    return True
-
-
-def _format_line(tokens: list[str], brackets: list[str]) -> str:
-    """Join one physical line's tokens; `brackets` carries the open brackets across lines."""
-    out = ""
-    for i, tok in enumerate(tokens):
-        if i:
-            prev, before = tokens[i - 1], tokens[i - 2] if i >= 2 else ""
-            # `-x`, `*args`: an operator that follows another operator, a keyword or an opening is unary.
-            unary = prev in ("-", "+", "*", "**", "~") and (
-                before in _UNARY_AFTER or before in ("", "(", "[", "{", ",")
-            )
-            out += " " if _needs_space(prev, tok, brackets, unary) else ""
-        out += tok
-        if tok in _OPEN:
-            brackets.append(tok)
-        elif tok in _CLOSE and brackets:
-            brackets.pop()
     return out
-
-
-def denormalize(tokens: str | Iterable[str], indent: str = "    ") -> Denormalized:
-    """Normalised tokens -> readable code, known literals restored.
-
-    The normalised form drops indentation, comments and the bodies of most literals, so this is lossy:
-    indentation is rebuilt by heuristics (indent after a line ending in `:`, dedent after return/pass/
-    break/continue/raise, `else`/`elif`/`except`/`finally` aligned with their opener), and literals not in
-    the list come back as placeholders listed in `unresolved`. The result always tokenizes to the same
-    normalised tokens, placeholders aside.
-    """
-    toks = tokens.split() if isinstance(tokens, str) else list(tokens)
-    unresolved: list[str] = []
-    lines: list[list[str]] = [[]]
-    for t in toks:
-        if t in (BOS, EOS):
-            continue
-        if t == EOL:
-            lines.append([])
-        else:
-            lines[-1].append(denormalize_token(t, unresolved))
-    out: list[str] = []
-    level = 0
-    openers: list[tuple[int, str]] = []  # (level, first keyword) of the blocks still open
-    brackets: list[str] = []
-    first = ""
-    for line in lines:
-        if not line:
-            continue
-        if brackets:  # continuation of a bracketed expression: hanging indent
-            out.append(indent * (level + 1) + _format_line(line, brackets))
-        else:
-            first = line[0]
-            level, openers = _place(first, level, openers)
-            out.append(indent * level + _format_line(line, brackets))
-        if brackets:
-            continue
-        if line[-1] == ":":
-            openers = [o for o in openers if o[0] < level] + [(level, first)]
-            level += 1
-        elif first in _DEDENT_AFTER and level:
-            level -= 1
-            openers = [o for o in openers if o[0] <= level]
-    return Denormalized("\n".join(out) + ("\n" if out else ""), unresolved)

@@ -16,6 +16,7 @@ next line depends on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -181,3 +182,26 @@ def _generate(
     )
     result = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen)
     return result[:, width:].tolist()  # (B, new)
+
+
+def engine_complete(
+    engine: Any, tok: PreTrainedTokenizerBase, inputs: list[str], max_new_tokens: int = 100, progress: bool = True
+) -> list[str]:
+    """One completion per input through an `Engine` (exported engines), one input at a time, greedy.
+
+    Same inputs, truncation, stops and text as `complete`: a raw-mode newline token is kept (it may carry code
+    before its line break), so the engine is asked to stop only at eos and the loop stops at the newline.
+    """
+    stops = StopIds.of(tok)
+    out = []
+    for text in tqdm(inputs, desc="complete", unit="ex", disable=not progress):
+        raw = is_raw(text)
+        ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
+        stop_now = set(stops.for_mode(raw)) - (stops.newline if raw else set())
+        new: list[int] = []
+        for i in engine.stream(ids, max_new_tokens, stop_now):
+            new.append(i)
+            if raw and i in stops.newline:
+                break
+        out.append(finish(tok, new, raw, stops))
+    return out

@@ -7,6 +7,7 @@ is greedy or beam search, so the same model and file give the same predictions e
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,17 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distil_codegpt.compress.quantize import count_all_params, load_for_evaluation
 from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
 from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
-from distil_codegpt.evaluate.completion import StopIds, complete, is_raw
+from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
-from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, size_mb
-from distil_codegpt.model.presets import count_params, load_model, looks_local
+from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
+from distil_codegpt.model.presets import looks_local
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
+from distil_codegpt.serve.engine import engine_kind, load_engine
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -58,7 +61,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not examples:
         raise UserError(f"test: {cfg.test} holds no examples; pass a line-completion file with JSON lines")
     tok = model_tokenizer(cfg.model)
-    model = load_model(cfg.model, role="model", dtype=torch.float32).to(device).eval()
+    kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
+    if kind not in ("torch", "torch-int8"):
+        return _evaluate_engine(cfg, examples, tok, t0)
+    if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
+        raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
+    model = load_for_evaluation(cfg.model)[0].to(device).eval()
     if len(tok) > model.config.vocab_size:
         raise ConfigError(
             f"model: tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "
@@ -79,28 +87,63 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     lat = latency(model, tok, inputs, cfg.latency_samples, **kw)
     ppl = perplexity(model, tok, cfg.tokens, device=device, autocast_dtype=amp) if cfg.tokens else None
+    n_params = count_all_params(model)
+    extra = {"gpu_mem_mb": gpu_mem, "perplexity": ppl["perplexity"] if ppl else None}
+    extra["perplexity_tokens"] = ppl["tokens"] if ppl else None
+    return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, str(device), amp, t0)
+
+
+def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokenizerBase, t0: float) -> dict[str, Any]:
+    """An exported engine (CTranslate2): one example at a time through the `Engine` interface, greedy only."""
+    if cfg.beam != 1:
+        raise ConfigError(f"beam: {cfg.beam}; exported engines are evaluated greedily here, use --beam 1")
+    engine = load_engine(cfg.model)
+    inputs = [ex.input for ex in examples]
+    start = time.perf_counter()
+    preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens)
+    decode_s = time.perf_counter() - start
+    times = []
+    for text in inputs[: cfg.latency_samples]:
+        t = time.perf_counter()
+        engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False)
+        times.append(1000 * (time.perf_counter() - t))
+    lat = {"p50": _percentile(times, 50), "p95": _percentile(times, 95)} if times else {"p50": None, "p95": None}
+    run = Path(cfg.model) / "run.json"
+    n_params = json.loads(run.read_text()).get("metrics", {}).get("params") if run.is_file() else None
+    extra = {"gpu_mem_mb": None, "perplexity": None, "perplexity_tokens": None, "engine": engine.name}
+    return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, "cpu", None, t0)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _finish(cfg, examples, preds, n_params, decode_s, lat, extra, device, amp, t0) -> dict[str, Any]:  # noqa: ANN001
+    """metrics.json, predictions.txt and run.json from one evaluation pass."""
+    inputs = [ex.input for ex in examples]
     n_raw = sum(is_raw(x) for x in inputs)
     metrics: dict[str, Any] = {
         **line_metrics(preds, [ex.gt for ex in examples]),
-        "params": count_params(model),
-        "size_mb": size_mb(model),
+        "params": n_params,
+        "size_mb": n_params * 4 / 1e6 if n_params else None,
         "disk_mb": disk_mb(cfg.model),
-        "gpu_mem_mb": gpu_mem,
         "samples_per_s": len(inputs) / decode_s,
         "decode_seconds": decode_s,
         "latency_ms_p50": lat["p50"],
         "latency_ms_p95": lat["p95"],
-        "perplexity": ppl["perplexity"] if ppl else None,
-        "perplexity_tokens": ppl["tokens"] if ppl else None,
+        **extra,
         "model": cfg.model,
         "test": cfg.test,
         "mode": "raw" if n_raw == len(inputs) else "codexglue" if n_raw == 0 else "mixed",
         "beam": cfg.beam,
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
-        "device": str(device),
+        "device": device,
         "precision": precision_name(amp),
-        "threads": torch.get_num_threads() if device.type == "cpu" else cfg.threads,
+        "threads": torch.get_num_threads() if device == "cpu" else cfg.threads,
     }
     out = Path(cfg.out)
     atomic_write_text(out / "predictions.txt", "".join(p + "\n" for p in preds))

@@ -8,6 +8,7 @@ Hugging Face model directory (no engine.json) is the PyTorch fp32 engine.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ class Engine(ABC):
     path: Path
     tokenizer: Any  # a transformers fast tokenizer
     context: int  # positions the model can attend to (prompt + new tokens)
+    # Engines that can restrict the first new token (token healing of a half-typed word) say so and take
+    # `first_allowed` in `stream`; the others are called without it.
+    supports_first_allowed: bool = False
 
     @abstractmethod
     def stream(
@@ -78,18 +82,24 @@ class TorchEngine(Engine):
     """A Hugging Face GPT-2 model run by PyTorch, with its KV cache, one sequence at a time."""
 
     name = "torch"
+    supports_first_allowed = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu") -> None:
         self.model = model.to(device).eval()
         self.tokenizer, self.path, self.device = tokenizer, Path(path), torch.device(device)
         self.context = int(model.config.n_positions)
+        # transformers 5 calls the KV cache `cache` (`past_key_values` before, deprecated since)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
+        from distil_codegpt.compress.prune import apply_pruned_heads
         from distil_codegpt.data.tokenizer import load_tokenizer
         from distil_codegpt.model.presets import load_model
 
-        return cls(load_model(str(path), dtype=torch.float32), load_tokenizer(path), Path(path), device)
+        model = apply_pruned_heads(load_model(str(path), dtype=torch.float32))  # pruned heads cut: runs faster
+        return cls(model, load_tokenizer(path), Path(path), device)
 
     @torch.inference_mode()
     def stream(
@@ -100,14 +110,20 @@ class TorchEngine(Engine):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        first_allowed: frozenset[int] | None = None,
     ) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         x = torch.tensor([ids], device=self.device)  # (1, T)
         past = None
-        for _ in range(max_new_tokens):
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = pick_next(out.logits[0, -1].cpu(), temperature, top_p, gen)  # logits (1, T, V) -> (V,)
+        for step in range(max_new_tokens):
+            out = self.model(input_ids=x, use_cache=True, **{self._cache_arg: past})
+            past = out.get(self._cache_arg)
+            logits = out.logits[0, -1].float().cpu()  # (1, T, V) -> (V,)
+            if step == 0 and first_allowed:
+                mask = torch.full_like(logits, float("-inf"))
+                mask[list(first_allowed)] = 0.0
+                logits = logits + mask
+            nxt = pick_next(logits, temperature, top_p, gen)
             if nxt in stop_ids:
                 return
             yield nxt

@@ -1,0 +1,209 @@
+"""The `export` verb: a Hugging Face GPT-2 model in, an artifact for a fast local inference engine out.
+
+CTranslate2 is the engine: it runs GPT-2 with a KV cache in C++ (fp32 or int8 weights on CPU, streaming one
+token at a time), so a student completes code on a laptop without PyTorch in the loop. The artifact holds the
+converted weights (`model.bin`, `vocabulary.json`), the model's tokenizer, `engine.json` (what `load_engine`
+reads) and `run.json`. ONNX Runtime is registered as an engine name but not built yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from distil_codegpt.config import ExportConfig, UserError, to_dict
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb
+from distil_codegpt.runinfo import write_manifest
+from distil_codegpt.serve.engine import ENGINE_FILE, Engine, write_engine_spec
+
+# our --quantize -> CTranslate2's weight type; "none" is pinned to float32 so an fp16 checkpoint exports at full
+# precision and the artifact computes exactly what PyTorch fp32 does
+CT2_QUANTIZATION = {"none": "float32", "int8": "int8"}
+INSTALL = "pip install 'distil-codegpt[ctranslate2]'"
+
+
+def _ctranslate2(field: str) -> ModuleType:
+    """Imported on use: the engine is an optional dependency, and its absence must read as one line with the fix."""
+    try:
+        import ctranslate2
+    except ImportError as e:
+        raise UserError(f"{field}: the CTranslate2 engine is not installed; {INSTALL}") from e
+    return ctranslate2
+
+
+def _cpu_threads() -> int:
+    """Cores this process may use (the affinity mask, which containers and `taskset` narrow), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _weights_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".bin", ".safetensors")) / 1e6
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """Convert `cfg.model` into a CTranslate2 artifact at `cfg.out`; the summary is also run.json's metrics.
+
+    The artifact is built next to `out` and moved into place at the end, so an interrupted export never leaves
+    a directory that looks finished.
+    """
+    t0 = time.perf_counter()
+    if cfg.format == "onnx":
+        raise UserError("format: the onnx export is not built yet; use --format ctranslate2")
+    out = Path(cfg.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out: {out} already exists and is not empty; pass a new --out or remove it")
+    model = load_model(cfg.model, role="model", dtype=torch.float32)  # clear errors for a bad dir, and the shape
+    tok = load_tokenizer(cfg.model) if looks_local(cfg.model) else None
+    ct2 = _ctranslate2("format")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
+    try:
+        converter = ct2.converters.TransformersConverter(cfg.model)
+        try:
+            converter.convert(str(tmp), quantization=CT2_QUANTIZATION[cfg.quantize])
+        except (ValueError, NotImplementedError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"model: CTranslate2 cannot convert {cfg.model} ({first}); export a GPT-2 model") from e
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(cfg.model)
+        _check_vocabulary(tmp, tok)
+        tok.save_pretrained(tmp)
+        summary: dict[str, Any] = {
+            "format": "ctranslate2",
+            "quantize": cfg.quantize,
+            "source": str(Path(cfg.model).resolve()) if looks_local(cfg.model) else cfg.model,
+            "context": int(model.config.n_positions),
+            "vocab_size": len(tok),
+            "params": count_params(model),
+            "source_mb": model_size_mb(model),
+            "disk_mb": _weights_mb(tmp),
+        }
+        write_engine_spec(
+            tmp,
+            "ctranslate2",
+            quantization=cfg.quantize,
+            weights=CT2_QUANTIZATION[cfg.quantize],
+            context=summary["context"],
+            source=summary["source"],
+        )
+        summary["seconds"] = time.perf_counter() - t0
+        write_manifest(tmp, "export", to_dict(cfg), summary, summary["seconds"])
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _check_vocabulary(path: Path, tok: Any) -> None:
+    """The engine is fed token strings, so CTranslate2's vocabulary must list exactly the tokenizer's, id by id.
+
+    A gap or a duplicate would shift ids silently: every completion would be garbage with no error.
+    """
+    vocab = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
+    if vocab != tok.convert_ids_to_tokens(list(range(len(tok)))):
+        raise UserError(
+            f"model: the converted vocabulary ({len(vocab)} tokens) does not match the tokenizer's ({len(tok)}) id by "
+            "id; save the model with the tokenizer it was trained with"
+        )
+
+
+def print_export(summary: dict[str, Any], out: str | Path) -> None:
+    """Two lines a person reads after `distil-codegpt export`; the full summary is in run.json."""
+    print(
+        f"export: {summary['format']} ({'int8' if summary['quantize'] == 'int8' else 'fp32'} weights), "
+        f"{summary['params']:,} params, {summary['disk_mb']:.2f} MB on disk (source {summary['source_mb']:.2f} MB "
+        f"fp32), context {summary['context']}, {summary['seconds']:.1f} s\n  written to {out}"
+    )
+
+
+def _release(box: list[Any], streams: weakref.WeakSet) -> None:
+    for steps in list(streams):
+        steps.close()  # stops its decoding thread and waits for it
+    box.clear()
+
+
+class CTranslate2Engine(Engine):
+    """An exported artifact run by CTranslate2: C++ decoding with a KV cache, fp32 or int8 weights.
+
+    CTranslate2 takes token strings, not ids; `vocabulary.json` (checked at export to equal the tokenizer's list)
+    maps them both ways, so special and added tokens such as `<s>` and ` <EOL>` pass through unchanged.
+    """
+
+    name = "ctranslate2"
+
+    def __init__(self, generator: Any, vocab: list[str], tokenizer: Any, path: Path, context: int) -> None:
+        # A CTranslate2 Generator, or one of its token streams, still alive during Python's final teardown aborts
+        # the process ("terminate called without an active exception"). So the generator lives in a one-item box
+        # and its open streams in a weak set, which a finalizer closes and empties when the engine dies or, at the
+        # latest, at exit (before the teardown).
+        self._box, self._streams = [generator], weakref.WeakSet()
+        weakref.finalize(self, _release, self._box, self._streams)
+        self.vocab, self.tokenizer, self.path, self.context = vocab, tokenizer, Path(path), context
+
+    @property
+    def generator(self) -> Any:
+        return self._box[0]
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> CTranslate2Engine:
+        """Weights keep the type they were exported with (int8 stays int8); on CPU, every allowed core."""
+        ct2, p = _ctranslate2("model"), Path(path)
+        spec = json.loads((p / ENGINE_FILE).read_text(encoding="utf-8"))
+        try:
+            generator = ct2.Generator(str(p), device=device, intra_threads=_cpu_threads() if device == "cpu" else 0)
+        except (RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"model: CTranslate2 cannot load {p} on {device} ({first}); export it again") from e
+        vocab = json.loads((p / "vocabulary.json").read_text(encoding="utf-8"))
+        return cls(generator, vocab, load_tokenizer(p), p, int(spec["context"]))
+
+    def stream(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop_ids: set[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """As `Engine.stream`, with two limits of CTranslate2.
+
+        - A seed seeds CTranslate2's random generators, but each worker thread seeds its own at its first sampled
+          token and never again: the same seed gives the same samples for the same sequence of requests in a
+          fresh process, not for every request.
+        - Without stop ids, generation still ends at the model's end-of-sequence token (yielded, then stop).
+        """
+        if max_new_tokens <= 0:
+            return
+        sample = temperature > 0
+        if sample and seed is not None:
+            _ctranslate2("model").set_random_seed(seed)
+        steps = self.generator.generate_tokens(
+            [self.vocab[i] for i in ids],
+            max_length=max_new_tokens,  # counts new tokens only (the prompt is not part of the result)
+            sampling_topk=0 if sample else 1,  # 0: the whole vocabulary, cut by top_p; 1: greedy
+            sampling_topp=top_p if sample else 1.0,
+            sampling_temperature=temperature if sample else 1.0,
+            end_token=sorted(stop_ids) or None,
+        )
+        self._streams.add(steps)
+        for step in steps:
+            if step.token_id in stop_ids:  # CTranslate2 returns the end token it stopped at; we never do
+                return
+            yield step.token_id

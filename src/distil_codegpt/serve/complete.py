@@ -1,0 +1,294 @@
+"""Complete the current line of real code with any engine: raw code in, the rest of the line out.
+
+Raw-mode models read the code as it is. Normalised (CodeXGLUE) models need the code normalised first, and
+the code at a cursor is unfinished, so this is done leniently: an open bracket is fine (the tokens so far
+are used), a string still open at the cursor is closed (a normalised model cannot see or write string
+contents: the completion starts with the closing quote), and a half-typed name is handed to the model as
+text so that it finishes the word. The model's tokens are then turned back into code with PEP 8 spacing
+and known literals; a literal it can only write as `<STR_LIT>`/`<NUM_LIT>` comes out as `""`/`0`, and
+a note says so. Nothing here raises on odd code: the worst case is an empty completion with a note.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from distil_codegpt.data.denormalize import denormalize_token, format_line
+from distil_codegpt.data.normalize import (
+    BOS,
+    EOL,
+    load_literals,
+    normalize_string,
+    normalize_tokens,
+    python_tokens,
+)
+from distil_codegpt.data.tokenizer import tokenizer_meta
+from distil_codegpt.evaluate.completion import StopIds
+from distil_codegpt.serve.engine import Engine
+
+_STRING_START = re.compile(r"(?i:[rbuft]{0,2})('''|\"\"\"|'|\")")
+_TRAILING_NAME = re.compile(r"[^\W\d]\w*$")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of line, end of text, or a stop string) | "length"
+    notes: list[str] = field(default_factory=list)
+
+
+def scan_end_state(code: str) -> tuple[str, int, str]:
+    """Where the end of `code` is: ("code" | "comment" | "string", start of the open string, its quote)."""
+    i, n = 0, len(code)
+    state, start, quote = "code", -1, ""
+    while i < n:
+        c = code[i]
+        if state == "code":
+            if c == "#":
+                state = "comment"
+            elif c in "'\"" or c.isalpha() or c == "_":
+                # a quote opens a string; letters do only when they are a whole prefix (rb'...), not a name's end
+                m = _STRING_START.match(code, i)
+                if m:
+                    state, start, quote = "string", i, m.group(1)
+                    i = m.end()
+                    continue
+                while i < n and (code[i].isalnum() or code[i] == "_"):  # skip the whole name
+                    i += 1
+                continue
+        elif state == "comment":
+            if c == "\n":
+                state = "code"
+        elif c == "\\":
+            i += 2  # an escaped character, the quote included (also in raw strings)
+            continue
+        elif code.startswith(quote, i):
+            state = "code"
+            i += len(quote)
+            continue
+        elif c == "\n" and len(quote) == 1:
+            state = "code"  # an unterminated one-line string ends with its line
+        i += 1
+    return state, start, quote
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    line: list[str]  # normalised tokens of the current line before the completion (codexglue)
+    word: str  # a half-typed name the completion continues
+    lead: str  # text the completion starts with (a closing quote)
+    notes: list[str]
+    space_typed: bool = False  # the code ends with a space: the completion does not start with one
+    healed: str = ""  # text cut from the prompt that the new text must start with (token healing)
+    allowed: frozenset[int] | None = None  # ids the first new token may take
+
+
+class Completer:
+    """Completes raw code with an engine; knows from the tokenizer whether the model was trained normalised."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.tok = engine, engine.tokenizer
+        meta = tokenizer_meta(engine.path) or {}
+        self.mode = meta.get("format") or ("codexglue" if EOL in self.tok.get_vocab() else "raw")
+        literals = meta.get("literals")
+        try:
+            self.literals = load_literals(literals or None)
+        except ValueError:  # recorded on another machine: the packaged default is the same list unless changed
+            self.literals = load_literals(None)
+        # every id's text, for token healing: the first new token must agree with a half-typed word
+        self.texts = self.tok.batch_decode(
+            [[i] for i in range(len(self.tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        stops = StopIds.of(self.tok)
+        self.stop_ids = set(stops.eol) | ({stops.eos} if stops.eos is not None else set())
+        if self.mode == "raw":
+            self.stop_ids = {stops.eos} if stops.eos is not None else set()
+
+    # ------------------------------------------------------------ prompts
+
+    def _heal(self, text: str, word: str) -> tuple[str, str, frozenset[int] | None]:
+        """(prompt text, healed text, allowed first ids): cut a half-typed word, and one blank before it, off the
+        prompt so the model can write the word as it learnt it (`Ġpath`, not `Ġpa` + `th`)."""
+        if not word or not self.engine.supports_first_allowed:
+            return text, "", None
+        healed = word
+        if text[: -len(word)].endswith(" "):
+            healed = " " + word
+        allowed = frozenset(
+            i for i, t in enumerate(self.texts) if t.startswith(healed) or (len(t) > 1 and healed.startswith(t))
+        )
+        return (text[: -len(healed)], healed, allowed) if allowed else (text, "", None)
+
+    def _prompt(self, code: str, max_tokens: int) -> _Prompt | None:
+        notes: list[str] = []
+        room = max(self.engine.context - max_tokens, 1)
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        if self.mode == "raw":
+            m = _TRAILING_NAME.search(code) if scan_end_state(code)[0] == "code" else None
+            text, healed, allowed = self._heal(code, m.group(0) if m else "")
+            ids = bos + self.tok.encode(text, add_special_tokens=False)
+            return _Prompt(ids[-room:], [], "", "", notes, healed=healed, allowed=allowed)
+        state, start, quote = scan_end_state(code)
+        if state == "comment":
+            return None
+        body, closed, word, lead = code, "", "", ""
+        if state == "string":
+            body, closed, lead = code[:start], code[start:] + quote, quote
+            notes.append("the cursor is inside a string: a normalised model cannot write its contents; closed it")
+        elif m := _TRAILING_NAME.search(code):
+            body, word = code[: m.start()], m.group(0)
+        tokens = normalize_tokens(python_tokens(body, strict=False), self.literals)
+        at_line_start = body.rstrip(" \t").endswith("\n") or not body.strip()
+        while tokens and tokens[0] == EOL:
+            tokens.pop(0)
+        if tokens and tokens[-1] == EOL and not at_line_start:
+            tokens.pop()  # the NEWLINE tokenize adds at the end of the text, not one the user typed
+        if closed:
+            tokens.append(normalize_string(" ".join(closed.split()), self.literals))
+        line = tokens[len(tokens) - tokens[::-1].index(EOL) :] if EOL in tokens else list(tokens)
+        text, healed, allowed = self._heal(" ".join([BOS, *tokens] + ([word] if word else [])), word)
+        ids = self.tok.encode(text, add_special_tokens=False)[-room:]
+        space_typed = code.endswith((" ", "\t"))
+        return _Prompt(ids, line, word, lead, notes, space_typed, healed, allowed)
+
+    # ------------------------------------------------------------ turning new text back into code
+
+    def _render(self, p: _Prompt, new_text: str, final: bool, notes: list[str] | None) -> str:
+        """The completion text for the model's new text so far (raw: up to the line break)."""
+        if p.healed:  # the new text starts with the cut word; without that, the model did not agree with it
+            new_text = new_text[len(p.healed) :] if new_text.startswith(p.healed) else ""
+        if self.mode == "raw":  # trailing blanks wait until more text (or nothing) follows them
+            return new_text.split("\n", 1)[0].split("\r", 1)[0].rstrip()
+        toks = (p.word + new_text).split()
+        if not final and toks and not new_text.endswith(" "):
+            toks = toks[:-1]  # the last token may still grow
+        toks = [t for t in toks if t != EOL]
+        unresolved: list[str] = []
+        line = [denormalize_token(t) for t in p.line]
+        comp = [denormalize_token(t, unresolved) for t in toks]
+        if notes is not None and unresolved:
+            notes.append(
+                f"{len(unresolved)} literal(s) the model can only write as a placeholder"
+                f' ({", ".join(sorted(set(unresolved)))}) came out as "" or 0'
+            )
+        base, full = format_line(line), format_line(line + comp)
+        suffix = full[len(base) :] if full.startswith(base) else " " + format_line(comp)
+        if p.word and comp:
+            suffix = suffix.lstrip(" ")[len(p.word) :] if suffix.lstrip(" ").startswith(p.word) else suffix
+        if p.space_typed and not p.lead:
+            suffix = suffix.lstrip(" ")
+        return p.lead + suffix
+
+    # ------------------------------------------------------------ public
+
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Text pieces of the completion, as the model produces them; ends at the end of the line or a stop.
+
+        `result`, when given, is filled as the stream runs: finish_reason ("stop" | "length"), notes,
+        prompt_tokens and completion_tokens (final once the stream is exhausted).
+        """
+        result = result if result is not None else {}
+        result.update(finish_reason="stop", notes=[], completion_tokens=0, prompt_tokens=0)
+        p = self._prompt(prompt, max_tokens)
+        if p is None:
+            result["notes"].append("the cursor is inside a comment: a normalised model does not write comments")
+            return
+        result["notes"] += p.notes
+        result["prompt_tokens"] = len(p.ids)
+        stops = [s for s in (stop or []) if s]
+        hold = max((len(s) for s in stops), default=1) - 1  # never send the start of a stop string
+        sent, ids = "", []
+        kw: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        if p.allowed:
+            kw["first_allowed"] = p.allowed
+        for i in self.engine.stream(p.ids, max_tokens, self.stop_ids, **kw):
+            ids.append(i)
+            new_text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            done = self.mode == "raw" and ("\n" in new_text or "\r" in new_text)
+            text = self._render(p, new_text, done, None)
+            cut = _first_stop(text, stops)
+            if cut is not None or done:
+                break
+            ready = text[: len(text) - hold] if hold else text
+            if ready.startswith(sent) and len(ready) > len(sent):
+                yield ready[len(sent) :]
+                sent = ready
+        else:
+            if len(ids) >= max_tokens:
+                result["finish_reason"] = "length"
+        new_text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        final = self._render(p, new_text, True, result["notes"])
+        cut = _first_stop(final, stops)
+        if cut is not None:
+            final, result["finish_reason"] = final[:cut], "stop"
+        result["completion_tokens"] = len(ids)
+        if final.startswith(sent) and len(final) > len(sent):
+            yield final[len(sent) :]
+
+    def complete(self, prompt: str, max_tokens: int = 64, **kw: Any) -> Completion:
+        result: dict[str, Any] = {}
+        text = "".join(self.stream(prompt, max_tokens, result=result, **kw))
+        return Completion(text, result["finish_reason"], result["notes"])
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def read_cursor(spec: str, stdin: Any = None) -> str:
+    """The code before the cursor: FILE (its end), FILE:LINE (end of that line), FILE:LINE:COL (1-based), or -."""
+    import sys
+    from pathlib import Path
+
+    from distil_codegpt.config import UserError
+
+    if spec == "-":
+        return (stdin or sys.stdin).read()
+    path, line, col = spec, 0, 0
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        path, line, col = parts[0], int(parts[1]), int(parts[2])
+    elif len(parts) >= 2 and parts[-1].isdigit():
+        path, line = spec.rsplit(":", 1)[0], int(parts[-1])
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file: {path} not found; pass FILE, FILE:LINE or FILE:LINE:COL, or - for stdin")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not line:
+        return text
+    lines = text.splitlines(keepends=True)
+    if not 1 <= line <= len(lines):
+        raise UserError(f"file: line {line} is outside {path} (1..{len(lines)}); pass a line that exists")
+    current = lines[line - 1].rstrip("\r\n")
+    if col and not 1 <= col <= len(current) + 1:
+        raise UserError(f"file: column {col} is outside line {line} (1..{len(current) + 1})")
+    return "".join(lines[: line - 1]) + (current[: col - 1] if col else current)
+
+
+def run_complete(cfg: Any) -> Completion:
+    """The `complete` verb: print the completion of the code at the cursor; notes go to stderr."""
+    import sys
+
+    from distil_codegpt.serve.engine import load_engine
+
+    code = read_cursor(cfg.file)
+    completer = Completer(load_engine(cfg.model, cfg.device))
+    result = completer.complete(code, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    print(result.text)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return result
