@@ -7,12 +7,16 @@ The student's int8 artifact (`compress --quantize int8`) and CTranslate2 exports
 a temporary directory unless given. Every engine completes the same prompts (the first --n inputs of a
 line-completion test.json, cut to fit the context), greedy, to the end of the line or --max-new-tokens, one
 at a time as an editor asks; after one warm-up prompt, each completion is timed. Prints p50/p95 ms per
-line, generated tokens/s, and size on disk.
+line, generated tokens/s, and size on disk. Each engine runs in its own process: PyTorch's idle OpenMP threads
+would otherwise take CPU from the next engine's threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--work", help="where to build the int8 and exported artifacts (default: a temporary dir)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one artifact in this process
     a = p.parse_args()
 
     from distil_codegpt.compress.export import run_export
@@ -57,6 +62,10 @@ def main() -> None:
     from distil_codegpt.serve.engine import load_engine
 
     prompts = [ex.input for ex in read_examples(a.test)[: a.n]]
+    if a.one:
+        engine = load_engine(a.one)
+        print(json.dumps({**time_engine(engine, prompts, a.max_new_tokens), "disk_mb": engine.disk_mb()}))
+        return
     work = Path(a.work or tempfile.mkdtemp(prefix="local_latency."))
     int8, ct2, ct2_int8 = work / "student-int8", work / "student-ct2", work / "student-ct2-int8"
     if not int8.exists():
@@ -74,11 +83,14 @@ def main() -> None:
     print(f"{len(prompts)} prompts from {a.test}; greedy, at most {a.max_new_tokens} new tokens; batch 1, CPU")
     print(f"{'engine':<28} {'p50 ms':>8} {'p95 ms':>8} {'tokens/s':>9} {'tok/line':>8} {'disk MB':>8}")
     for name, path in rows:
-        engine = load_engine(path)
-        r = time_engine(engine, prompts, a.max_new_tokens)
+        argv = [sys.executable, __file__, "--test", a.test, "--n", str(a.n), "--max-new-tokens", str(a.max_new_tokens)]
+        done = subprocess.run([*argv, "--one", path], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
         print(
             f"{name:<28} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['tokens_per_s']:>9.0f} {r['mean_tokens']:>8.1f}"
-            f" {engine.disk_mb():>8.2f}"
+            f" {r['disk_mb']:>8.2f}"
         )
 
 
