@@ -111,6 +111,7 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
     run = Path(cfg.model) / "run.json"
     n_params = json.loads(run.read_text()).get("metrics", {}).get("params") if run.is_file() else None
     extra = {"gpu_mem_mb": None, "perplexity": None, "perplexity_tokens": None, "engine": engine.name}
+    extra["batch_size"] = 1  # one example at a time
     return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, "cpu", None, t0)
 
 
@@ -139,7 +140,7 @@ def _finish(cfg, examples, preds, n_params, decode_s, lat, extra, device, amp, t
         "test": cfg.test,
         "mode": "raw" if n_raw == len(inputs) else "codexglue" if n_raw == 0 else "mixed",
         "beam": cfg.beam,
-        "batch_size": cfg.batch_size,
+        "batch_size": extra.pop("batch_size", cfg.batch_size),
         "max_new_tokens": cfg.max_new_tokens,
         "device": device,
         "precision": precision_name(amp),
