@@ -2,7 +2,7 @@
 
 from distil_codegpt.evaluate.completion import StopIds, complete
 from distil_codegpt.evaluate.metrics import fuzz_ratio, line_metrics, post_process
-from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, size_mb
+from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
 from distil_codegpt.evaluate.run import print_evaluation, run_evaluate
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "post_process",
     "print_evaluation",
     "run_evaluate",
-    "size_mb",
 ]

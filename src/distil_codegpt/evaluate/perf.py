@@ -19,14 +19,8 @@ from distil_codegpt.config import UserError
 from distil_codegpt.data.formats import FORMATS, decode_document
 from distil_codegpt.data.tokenizer import encode_documents
 from distil_codegpt.evaluate.completion import StopIds, complete
-from distil_codegpt.model.presets import model_size_mb
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def size_mb(model: torch.nn.Module) -> float:
-    """Unique parameters x 4 bytes / 1e6: the fp32 size, a tied LM head counted once."""
-    return model_size_mb(model)
 
 
 def disk_mb(model_dir: str | Path) -> float | None:
