@@ -181,7 +181,9 @@ class LoopConfig:
     log_every: int = opt(10, "metrics.jsonl line every N steps")
     resume: bool = opt(False, "continue exactly from OUT/checkpoints/last")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
-    compile: bool = opt(False, "torch.compile the model(s)")
+    compile: bool = opt(False, "torch.compile the model(s) (measured: see docs/PERFORMANCE.md)")
+    pad_vocab: int = opt(64, "in memory, pad the vocabulary to a multiple of this for faster matmuls (1 = off)")
+    loss_chunk: int = opt(1024, "tokens per chunk of the memory-lean LM-head loss (0 = plain full-logits loss)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
     tensorboard: bool = opt(True, "also log to OUT/tensorboard when tensorboard is installed")
@@ -190,10 +192,11 @@ class LoopConfig:
     def validate(self) -> None:
         _require(self.data, "data", "pass --data DIR (a corpus from `distil-codegpt corpus`)")
         _require(self.out, "out", "pass --out DIR")
-        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every"):
+        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every", "pad_vocab"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
         for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(self.loss_chunk >= 0, "loss_chunk", self.loss_chunk, "use 0 (plain loss) or more tokens")
         _check(self.lr > 0, "lr", self.lr, "use a positive learning rate")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1]")
         _check(self.max_minutes >= 0, "max_minutes", self.max_minutes, "use 0 (no limit) or more")
@@ -212,8 +215,9 @@ class TrainConfig(LoopConfig):
 class DistilConfig(LoopConfig):
     """Knowledge distillation of a student from a teacher (frozen, or trained alongside)."""
 
-    teacher: str = opt("", "teacher model: HF dir or hub id", required=True)
+    teacher: str = opt("", "teacher model: HF dir or hub id (or give --teacher-cache instead)")
     student: str = opt("", "initial student: HF dir (from `distil-codegpt student`)", required=True)
+    teacher_cache: str = opt("", "distil from this teacher cache (`distil-codegpt cache-teacher`), no teacher in memory")
     teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
     temperature: float = opt(2.0, "softmax temperature T of the KD loss")
     alpha_ce: float = opt(5.0, "weight of KL(teacher_T || student_T) * T^2")
@@ -225,7 +229,8 @@ class DistilConfig(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.teacher, "teacher", "pass --teacher DIR")
+        if not self.teacher_cache:
+            _require(self.teacher, "teacher", "pass --teacher DIR or --teacher-cache DIR")
         _require(self.student, "student", "pass --student DIR (make one with `distil-codegpt student`)")
         _check(self.temperature > 0, "temperature", self.temperature, "use a positive temperature")
         for name in ("alpha_ce", "alpha_clm", "alpha_cos", "alpha_mse", "teacher_lr"):

@@ -7,11 +7,30 @@ count nowhere. All terms go through one helper, :func:`_unmasked_rows`, which fl
 ``[N, D]`` rows of the unmasked tokens: padding then costs no compute, and a later memory-lean variant can
 chunk those rows without touching the maths. Logits arrive already aligned (position t predicts token t + 1);
 shifting is the caller's job, because only the caller knows whether its labels were shifted already.
+
+Two ways to the same numbers. The plain functions (`kd_loss`, `clm_loss`, ..., `distillation_loss`) take full
+``[B, T, V]`` logits. `head_loss` takes the final hidden states and the LM-head matrix instead and never builds
+the full logits: it walks the tokens in chunks, and for each chunk computes the logits, the loss terms and their
+gradient at once (the chunk's logits are freed before the next one), like fused "linear + cross-entropy" kernels.
+Its values and gradients equal the plain ones (tests compare them); at a 50k vocabulary it is what makes a batch
+of 16 x 1024 tokens fit. The per-row formulas (`_kd_rows`, `_ce_rows`, ...) are shared by both ways.
+
+Offline KD (`SparseTargets`, from a teacher cache) knows only the teacher's top-k log-probs and the log of the
+remaining tail mass. Its KL is taken over k + 1 buckets, the k tokens and "any other token":
+
+    KL_k = sum_{i in top-k + tail} p_i (log p_i - log q_i)
+
+where q_tail is the student's probability of all non-top-k tokens. At T = 1 the teacher's buckets are exact; at
+T != 1 each top-k log-prob is divided by T and the tail mass is assumed spread evenly over the V - k other tokens
+(each (tail / (V - k))^(1/T) before renormalising over the k + 1 buckets). KL_k <= the full KL (merging outcomes
+never raises a divergence), and its gradient pushes the student's top-k probabilities to the teacher's and its
+tail mass, as a whole, to the teacher's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -78,11 +97,73 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temp
             "distil with the teacher's tokenizer, or set alpha_ce=0 and alpha_mse=0"
         )
     student, teacher = _unmasked_rows(labels, student_logits, teacher_logits.detach())
+    return _token_mean(_kd_rows(student, teacher, temperature))
+
+
+def _kd_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``[N, V]`` fp32 logits of both -> ``[N]`` KL(p_teacher || p_student) at temperature T, times T^2."""
     log_p_s = F.log_softmax(student / temperature, dim=-1)
     p_t = F.softmax(teacher / temperature, dim=-1)
     # kl_div uses xlogy, so teacher probabilities of exactly 0 (e.g. -inf logits) give 0, not NaN.
-    per_token = F.kl_div(log_p_s, p_t, reduction="none").sum(-1)  # [N]
-    return _token_mean(per_token) * temperature**2
+    return F.kl_div(log_p_s, p_t, reduction="none").sum(-1) * temperature**2
+
+
+@dataclass
+class SparseTargets:
+    """The teacher's top-k next-token log-probs (at T = 1) and the log of its remaining tail mass, per token."""
+
+    ids: Tensor
+    """``[B, T, k]`` int64 token ids, all below the vocabulary size."""
+    logp: Tensor
+    """``[B, T, k]`` their log-probs at temperature 1."""
+    tail: Tensor
+    """``[B, T]`` log(1 - sum of the top-k probabilities); -inf when k covers the whole vocabulary."""
+
+
+def sparse_kd_loss(student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float = 2.0) -> Tensor:
+    """KL over the teacher's top-k tokens plus one tail bucket, times T^2 (the formula is in the module docstring).
+
+    Args:
+        student_logits (Tensor): ``[B, T, V]``; V is the real vocabulary (the tail spreads over V - k tokens).
+        targets (SparseTargets): the teacher's cached top-k, ``[B, T, k]``, and tail ``[B, T]``.
+        labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for positions that must not count.
+        temperature (float): T > 0.
+
+    Returns:
+        Tensor: scalar, averaged over unmasked tokens; 0 if all are masked.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}: use 1.0 for plain KL, 2.0 as in DistilBERT")
+    student, ids, logp, tail = _unmasked_rows(
+        labels, student_logits, targets.ids, targets.logp, targets.tail.unsqueeze(-1)
+    )
+    return _token_mean(_sparse_kd_rows(student, ids, logp, tail.squeeze(1), temperature))
+
+
+def _sparse_kd_rows(student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, temperature: float) -> Tensor:
+    """``[N, V]`` student logits, ``[N, k]`` teacher ids and log-probs, ``[N]`` log tail mass -> ``[N]`` KL_k * T^2."""
+    vocab, k = student.size(-1), ids.size(-1)
+    if k > vocab or (ids.numel() and int(ids.max()) >= vocab):
+        raise ValueError(
+            f"teacher cache ids reach {int(ids.max()) if ids.numel() else 0} with k={k}, beyond the student's"
+            f" vocabulary of {vocab}: rebuild the cache with this student's teacher"
+        )
+    t = temperature
+    log_q = F.log_softmax(student / t, dim=-1)  # [N, V]
+    log_q_top = log_q.gather(-1, ids)  # [N, k]
+    log_p_top = logp.float() / t
+    if k == vocab:  # no tail bucket: the top-k is the whole distribution
+        log_p, log_qb = log_p_top.log_softmax(-1), log_q_top
+    else:
+        log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # [N, 1]
+        rest = math.log(vocab - k)
+        log_p_tail = (rest + (tail.float() - rest) / t).unsqueeze(-1)  # tempered mass of an even tail
+        log_p = torch.cat([log_p_top, log_p_tail], -1).log_softmax(-1)  # [N, k + 1], renormalised
+        log_qb = torch.cat([log_q_top, log_q_tail], -1)
+    p = log_p.exp()
+    # A teacher bucket of probability 0 (an empty tail) adds 0, not 0 * (-inf - log q) = NaN.
+    per_bucket = torch.where(p > 0, p * (log_p - log_qb), torch.zeros_like(p))
+    return per_bucket.sum(-1) * t**2
 
 
 def clm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -96,7 +177,12 @@ def clm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
         Tensor: scalar, CE averaged over unmasked tokens; 0 if all are masked.
     """
     student, targets = _unmasked_rows(labels, student_logits, labels.unsqueeze(-1))
-    return _token_mean(F.cross_entropy(student, targets.squeeze(1), reduction="none"))
+    return _token_mean(_ce_rows(student, targets.squeeze(1)))
+
+
+def _ce_rows(student: Tensor, targets: Tensor) -> Tensor:
+    """``[N, V]`` logits, ``[N]`` ids -> ``[N]`` negative log-likelihoods."""
+    return F.cross_entropy(student, targets, reduction="none")
 
 
 def cosine_loss(
@@ -155,7 +241,11 @@ def mse_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> 
             "distil with the teacher's tokenizer, or set alpha_mse=0"
         )
     student, teacher = _unmasked_rows(labels, student_logits, teacher_logits.detach())
-    return _token_mean((student - teacher).pow(2).mean(-1))
+    return _token_mean(_mse_rows(student, teacher))
+
+
+def _mse_rows(student: Tensor, teacher: Tensor) -> Tensor:
+    return (student - teacher).pow(2).mean(-1)
 
 
 @dataclass
@@ -223,6 +313,206 @@ def distillation_loss(
     if weights.alpha_mse > 0:
         terms["mse"] = (weights.alpha_mse, mse_loss(student_logits, teacher_logits, labels))
     total = sum(alpha * value for alpha, value in terms.values())
-    # One device sync for all the logged values instead of one .item() per term.
-    logged = torch.stack([value.detach() for _, value in terms.values()] + [total.detach()]).tolist()
-    return total, dict(zip([*terms, "loss"], logged))
+    return total, _logged({name: value for name, (_, value) in terms.items()}, total)
+
+
+def _logged(values: dict[str, Tensor], total: Tensor) -> dict[str, float]:
+    """Every term's unweighted value plus the total under "loss", as floats, with one device sync for all."""
+    floats = torch.stack([v.detach() for v in values.values()] + [total.detach()]).tolist()
+    return dict(zip([*values, "loss"], floats))
+
+
+# ---------------------------------------------------------------- memory-lean: from hidden states, in chunks
+
+RowsFn = Callable[[Tensor, slice], tuple[Tensor, Tensor]]
+
+
+def _matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul here (bf16/fp16 under autocast, else the tensor's own)."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """loss = sum over row chunks of rows_fn(hidden[chunk] @ weight.T); the gradient is made chunk by chunk in forward.
+
+    Making the gradient in forward is what keeps memory flat: nothing of size V outlives its chunk, and backward
+    only scales the two stored gradients (of the ``[N, H]`` rows and the ``[V, H]`` head) by grad_output.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, rows_fn: RowsFn, chunk: int) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        mm = _matmul_dtype(hidden)
+        w = weight.detach().to(mm)  # [V, H], cast once per call
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total, sums = hidden.new_zeros((), dtype=torch.float32), None
+        want_grad = grad_h is not None or grad_w is not None
+        with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].detach().to(mm)  # [n, H]
+                logits = (h @ w.T).float().requires_grad_(want_grad)  # [n, V]
+                loss, parts = rows_fn(logits, rows)
+                if want_grad:
+                    (g,) = torch.autograd.grad(loss, logits)
+                    g = g.to(mm)
+                    if grad_h is not None:
+                        grad_h[rows] = g @ w
+                    if grad_w is not None:
+                        grad_w += (g.T @ h).float()
+                total += loss.detach()
+                sums = parts if sums is None else sums + parts
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_sums: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # noqa: ANN001
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_out,
+            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def head_loss(
+    hidden: Tensor,
+    head: Tensor,
+    labels: Tensor,
+    weights: LossWeights,
+    *,
+    n_vocab: int | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
+    sparse: SparseTargets | None = None,
+    chunk: int = 1024,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The logit terms (KD, CE, MSE) of `distillation_loss`, from final hidden states, never holding full logits.
+
+    Equal to the plain terms on ``hidden @ head.T`` (values and gradients); see the module docstring. The KD
+    targets come from the teacher's hidden states and head (online KD), or from a teacher cache (`sparse`).
+
+    Args:
+        hidden (Tensor): ``[B, T, H]`` the student's last hidden states (after the final layer norm).
+        head (Tensor): ``[V', H]`` the student's LM-head matrix (tied to the embeddings in GPT-2).
+        labels (Tensor): ``[B, T]`` next-token ids, ``IGNORE_INDEX`` where a position must not count.
+        weights (LossWeights): alphas and temperature; alpha_cos is not used here.
+        n_vocab (int | None): the real vocabulary; logit columns from n_vocab on (padding rows of a head padded
+            for speed) are left out of every softmax. None = all V' columns.
+        teacher_hidden (Tensor | None): ``[B, T, H_t]`` the teacher's last hidden states (online KD or MSE).
+        teacher_head (Tensor | None): ``[V'', H_t]`` the teacher's LM-head matrix.
+        sparse (SparseTargets | None): cached teacher top-k instead of a teacher (KD only; MSE needs logits).
+        chunk (int): tokens per chunk; memory grows with chunk * V.
+
+    Returns:
+        tuple[Tensor, dict[str, Tensor]]: the weighted sum of the computed terms (to backprop), and each term's
+        unweighted mean over the unmasked tokens ("kd", "clm", "mse"), detached.
+    """
+    alpha_of = {"kd": weights.alpha_ce, "clm": weights.alpha_clm, "mse": weights.alpha_mse}
+    names = [name for name, alpha in alpha_of.items() if alpha > 0]
+    if not names:
+        raise ValueError("head_loss needs alpha_ce, alpha_clm or alpha_mse > 0: the cosine term has no logits")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    if "mse" in names and teacher_hidden is None:
+        raise ValueError("alpha_mse needs the teacher's logits: pass teacher_hidden and teacher_head, or alpha_mse=0")
+    if "kd" in names and sparse is None and (teacher_hidden is None or teacher_head is None):
+        raise ValueError("alpha_ce needs a teacher: pass teacher_hidden and teacher_head, or sparse targets")
+    nv = n_vocab or head.size(0)
+    alphas = torch.tensor([alpha_of[name] for name in names])
+    extra = [teacher_hidden.detach()] if teacher_hidden is not None else []
+    if sparse is not None:
+        extra += [sparse.ids, sparse.logp, sparse.tail.unsqueeze(-1)]
+    h_rows, targets, *rest = _unmasked_rows(labels, hidden, labels.unsqueeze(-1), *extra)
+    targets = targets.squeeze(1)
+    t_rows = rest.pop(0) if teacher_hidden is not None else None
+    ids, logp, tail = (rest[0], rest[1], rest[2].squeeze(1)) if sparse is not None else (None, None, None)
+    n = h_rows.size(0)
+    if n == 0:  # every token masked: a 0 that still backpropagates
+        zero = hidden.sum() * 0 + head.sum() * 0
+        return zero, {name: zero.detach() for name in names}
+    t_w = teacher_head.detach().to(_matmul_dtype(hidden)) if teacher_head is not None and t_rows is not None else None
+
+    def rows_fn(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        z = logits[:, :nv]
+        t_logits = None
+        if t_w is not None and t_rows is not None and (sparse is None or "mse" in names):
+            with torch.no_grad():
+                t_logits = (t_rows[rows].to(t_w.dtype) @ t_w.T).float()[:, :nv]  # [n, V]
+        terms = []
+        for name in names:
+            if name == "clm":
+                terms.append(_ce_rows(z, targets[rows]))
+            elif name == "mse":
+                terms.append(_mse_rows(z, t_logits))
+            elif sparse is not None:
+                terms.append(_sparse_kd_rows(z, ids[rows], logp[rows], tail[rows], weights.temperature))
+            else:
+                terms.append(_kd_rows(z, t_logits, weights.temperature))
+        sums = torch.stack([t.sum() for t in terms])  # [n_terms]
+        return (sums * alphas.to(sums.device)).sum() / n, sums.detach()
+
+    total, sums = _ChunkedHead.apply(h_rows, head, rows_fn, chunk)
+    return total, dict(zip(names, sums / n))
+
+
+def lean_distillation_loss(
+    student_out: Sequence[Tensor],
+    student_head: Tensor,
+    labels: Tensor,
+    weights: LossWeights,
+    *,
+    n_vocab: int | None = None,
+    teacher_out: Sequence[Tensor] | None = None,
+    teacher_head: Tensor | None = None,
+    sparse: SparseTargets | None = None,
+    student_hidden: Sequence[Tensor] | None = None,
+    teacher_hidden: Sequence[Tensor] | None = None,
+    chunk: int = 1024,
+) -> tuple[Tensor, dict[str, float]]:
+    """`distillation_loss` from hidden states: the logit terms by `head_loss` in chunks, the cosine as usual.
+
+    Args:
+        student_out (Sequence[Tensor]): the student's hidden states, one per layer + embeddings (HF
+            ``output_hidden_states``); the last one (after the final norm) feeds the head.
+        student_head (Tensor): ``[V', H]`` the student's LM-head matrix.
+        labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for padding / masked positions.
+        weights (LossWeights): alphas and temperature.
+        n_vocab (int | None): real vocabulary size when the heads are padded.
+        teacher_out (Sequence[Tensor] | None): the teacher's hidden states (online KD); treated as constants.
+        teacher_head (Tensor | None): ``[V'', H_t]`` the teacher's LM-head matrix.
+        sparse (SparseTargets | None): cached teacher top-k instead of a teacher (no cosine, no MSE).
+        student_hidden, teacher_hidden (Sequence[Tensor] | None): the mapped pairs for the cosine term.
+        chunk (int): tokens per chunk of the head.
+
+    Returns:
+        tuple[Tensor, dict[str, float]]: as `distillation_loss`.
+    """
+    values: dict[str, Tensor] = {}
+    total = torch.zeros((), device=labels.device)
+    if weights.alpha_ce > 0 or weights.alpha_clm > 0 or weights.alpha_mse > 0:
+        t_last = teacher_out[-1].detach() if teacher_out is not None else None
+        total, values = head_loss(
+            student_out[-1],
+            student_head,
+            labels,
+            weights,
+            n_vocab=n_vocab,
+            teacher_hidden=t_last,
+            teacher_head=teacher_head,
+            sparse=sparse,
+            chunk=chunk,
+        )
+    if weights.alpha_cos > 0:
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError(
+                f"alpha_cos={weights.alpha_cos} needs student_hidden and teacher_hidden: pass the mapped hidden"
+                " states (a teacher cache has none: set alpha_cos=0)"
+            )
+        values["cos"] = cosine_loss(student_hidden, teacher_hidden, labels)
+        total = total + weights.alpha_cos * values["cos"]
+    return total, _logged(values, total)

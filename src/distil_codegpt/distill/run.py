@@ -13,7 +13,7 @@ from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainCo
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Runtime, Trainer, setup_runtime
-from distil_codegpt.model.presets import PRESETS, count_params, gpt2_config, load_model
+from distil_codegpt.model.presets import PRESETS, count_params, gpt2_config, load_model, save_model
 from distil_codegpt.runinfo import write_manifest
 
 
@@ -47,8 +47,10 @@ def _check_model(model: torch.nn.Module, name: str, n_vocab: int, seq_len: int) 
 
 
 def _saver(model: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
+    n_vocab = model.config.vocab_size  # the trainer may pad the head in memory; the saved model is not padded
+
     def save() -> None:
-        model.save_pretrained(out, safe_serialization=True)
+        save_model(model, out, n_vocab)
         tokenizer.save_pretrained(out)
 
     return save
@@ -78,9 +80,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         model = load_model(cfg.model)
     _check_model(model, "model", len(tokenizer), cfg.seq_len)
     shard_dir = _shards(cfg, rt, tok_dir)
+    params = count_params(model)  # before the trainer pads the head
     trainer = Trainer(cfg, rt, model, shard_dir, on_save=_saver(model, tokenizer, out))
     metrics = trainer.fit()
-    metrics.update(params=count_params(model), device=str(rt.device), processes=rt.world)
+    metrics.update(params=params, device=str(rt.device), processes=rt.world)
     if rt.main:
         write_manifest(out, "train", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics
@@ -90,35 +93,71 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher, student = load_model(cfg.teacher, role="teacher"), load_model(cfg.student, role="student")
-    tv, sv = teacher.config.vocab_size, student.config.vocab_size
-    if tv != sv:
-        raise ConfigError(
-            f"student: vocabulary {sv} differs from the teacher's {tv}; build the student from this teacher"
-            " (`distil-codegpt student --teacher ...`) so both share one tokenizer"
-        )
-    if cfg.alpha_cos > 0 and teacher.config.n_embd != student.config.n_embd:
-        raise ConfigError(
-            f"alpha_cos: {cfg.alpha_cos} needs equal widths, but student is {student.config.n_embd} wide and"
-            f" teacher {teacher.config.n_embd}; use --alpha-cos 0"
-        )
+    # the teacher first: a wrong teacher path fails before the student's weights are read
+    teacher = None if cfg.teacher_cache else load_model(cfg.teacher, role="teacher")
+    student = load_model(cfg.student, role="student")
+    cache = None
+    if teacher is None:
+        cache = _open_cache(cfg, student)
+    else:
+        tv, sv = teacher.config.vocab_size, student.config.vocab_size
+        if tv != sv:
+            raise ConfigError(
+                f"student: vocabulary {sv} differs from the teacher's {tv}; build the student from this teacher"
+                " (`distil-codegpt student --teacher ...`) so both share one tokenizer"
+            )
+        if cfg.alpha_cos > 0 and teacher.config.n_embd != student.config.n_embd:
+            raise ConfigError(
+                f"alpha_cos: {cfg.alpha_cos} needs equal widths, but student is {student.config.n_embd} wide and"
+                f" teacher {teacher.config.n_embd}; use --alpha-cos 0"
+            )
     rt = setup_runtime(cfg)
     tok_dir = _tokenizer_dir(cfg, cfg.student, cfg.teacher)
     tokenizer = load_tokenizer(tok_dir)
     _check_model(student, "student", len(tokenizer), cfg.seq_len)
-    _check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
+    if teacher is not None:
+        _check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
     shard_dir = _shards(cfg, rt, tok_dir)
+    if cache is not None:
+        cache.check_shards(shard_dir)
+    params = count_params(student)
+    teacher_params = count_params(teacher) if teacher is not None else cache.header.get("teacher_params")
 
     def save() -> None:
         _saver(student, tokenizer, out)()
         if cfg.teacher_mode == "train":
             _saver(teacher, tokenizer, out / "teacher")()
 
-    trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, on_save=save)
+    trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, on_save=save, teacher_cache=cache)
     metrics = trainer.fit()
-    metrics.update(
-        params=count_params(student), teacher_params=count_params(teacher), device=str(rt.device), processes=rt.world
-    )
+    metrics.update(params=params, teacher_params=teacher_params, device=str(rt.device), processes=rt.world)
     if rt.main:
         write_manifest(out, "distil", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics
+
+
+def _open_cache(cfg: DistilConfig, student: torch.nn.Module) -> Any:
+    """The teacher cache, checked against what this distillation asks of it before any compute."""
+    from distil_codegpt.distill.teacher_cache import TeacherCache
+
+    unavailable = {
+        "teacher_mode": (cfg.teacher_mode == "train", "a cached teacher cannot train; use --teacher-mode frozen"),
+        "alpha_cos": (cfg.alpha_cos > 0, "the cache holds no hidden states; pass --alpha-cos 0, or distil online"),
+        "alpha_mse": (cfg.alpha_mse > 0, "the cache holds no full logits; pass --alpha-mse 0, or distil online"),
+        "loss_chunk": (cfg.loss_chunk == 0, "cached KD runs on the chunked loss only; keep --loss-chunk above 0"),
+    }
+    for name, (bad, fix) in unavailable.items():
+        if bad:
+            raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not available with --teacher-cache: {fix}")
+    cache = TeacherCache(cfg.teacher_cache)
+    if cache.seq_len != cfg.seq_len:
+        raise ConfigError(
+            f"seq_len: {cfg.seq_len} differs from the teacher cache's windows of {cache.seq_len}; pass --seq-len"
+            f" {cache.seq_len} (or rebuild the cache with --seq-len {cfg.seq_len})"
+        )
+    if cache.vocab_size != student.config.vocab_size:
+        raise ConfigError(
+            f"teacher_cache: made with a vocabulary of {cache.vocab_size}, the student has"
+            f" {student.config.vocab_size}; build the cache from this student's teacher"
+        )
+    return cache

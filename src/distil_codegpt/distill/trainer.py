@@ -30,8 +30,19 @@ from distil_codegpt.distill.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from distil_codegpt.distill.losses import LossWeights, clm_loss, distillation_loss
+from distil_codegpt.distill.losses import (
+    LossWeights,
+    SparseTargets,
+    clm_loss,
+    distillation_loss,
+    head_loss,
+    lean_distillation_loss,
+)
+from distil_codegpt.model.presets import pad_vocab
 from distil_codegpt.runtime import autocast_dtype, pick_device
+
+CLM_ONLY = LossWeights(alpha_ce=0.0, alpha_clm=1.0, alpha_cos=0.0, alpha_mse=0.0)
+NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the LM head runs in the loss, chunk by chunk
 
 
 @dataclass
@@ -97,7 +108,14 @@ def batch_split(cfg: LoopConfig, world: int) -> tuple[int, int]:
 
 
 class Trainer:
-    """Trains `student`; with a `teacher`, distils it (cfg.teacher_mode: frozen, or train = in-training KD)."""
+    """Trains `student`; with a `teacher`, distils it (cfg.teacher_mode: frozen, or train = in-training KD);
+    with a `teacher_cache` instead, distils from the teacher's cached top-k (no teacher in memory).
+
+    With cfg.loss_chunk > 0 (the default) the models stop at their last hidden states and the LM head runs inside
+    the loss, chunk by chunk (`head_loss`): no [B, T, V] logits tensor is ever held. cfg.loss_chunk = 0 is the
+    plain path on full logits. With cfg.pad_vocab > 1 the heads are padded in memory (`pad_vocab`) and every loss
+    reads only the first n_vocab logit columns.
+    """
 
     def __init__(
         self,
@@ -107,16 +125,23 @@ class Trainer:
         shard_dir: str | Path,
         teacher: torch.nn.Module | None = None,
         on_save: Callable[[], None] | None = None,
+        teacher_cache: Any = None,
     ) -> None:
         self.cfg, self.rt, self.on_save = cfg, rt, on_save
         self.per_rank, self.micro = batch_split(cfg, rt.world)
         self.train_data = TokenShard(shard_dir, "train")
         self.dev_data = TokenShard(shard_dir, "dev")
         self.kd = isinstance(cfg, DistilConfig)
+        self.cache = teacher_cache
+        if self.cache is not None and teacher is not None:
+            raise ConfigError("teacher_cache: give either a teacher or a teacher cache, not both")
         self.teacher_trains = self.kd and cfg.teacher_mode == "train"
         self.weights = (
             LossWeights(cfg.alpha_ce, cfg.alpha_clm, cfg.alpha_cos, cfg.alpha_mse, cfg.temperature) if self.kd else None
         )
+        self.n_vocab = pad_vocab(student, cfg.pad_vocab)
+        if teacher is not None:
+            pad_vocab(teacher, cfg.pad_vocab)
         self.student = student.to(rt.device).train()
         self.teacher = teacher.to(rt.device) if teacher is not None else None
         if self.teacher is not None:
@@ -149,23 +174,58 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _loss_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    def _run(self, model: torch.nn.Module, x: torch.Tensor, hidden: bool) -> Any:
+        """Forward pass: hidden states only on the lean path (the head runs in the loss), else logits too."""
+        if self.cfg.loss_chunk:
+            return model(input_ids=x, output_hidden_states=True, logits_to_keep=NO_LOGITS.to(x.device))
+        return model(input_ids=x, output_hidden_states=hidden)
+
+    def _loss_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(student loss, teacher loss or None, logged parts) for one micro-batch of (B, T) windows."""
+        x, y = batch[0], batch[1]
+        lean, nv = self.cfg.loss_chunk, self.n_vocab
         if not self.kd:
-            logits = self.s_model(input_ids=x).logits  # (B, T, V)
-            loss = clm_loss(logits, y)
+            loss = self._clm(self.student, self._run(self.s_model, x, False), y)
             return loss, None, {"loss": loss.item(), "clm": loss.item()}
-        assert self.weights is not None and self.t_model is not None
+        assert self.weights is not None
         want_hidden = self.weights.alpha_cos > 0
-        with contextlib.nullcontext() if self.teacher_trains else torch.no_grad():
-            t_out = self.t_model(input_ids=x, output_hidden_states=want_hidden)
-        t_loss = clm_loss(t_out.logits, y) if self.teacher_trains else None
-        s_out = self.s_model(input_ids=x, output_hidden_states=want_hidden)
+        sparse = SparseTargets(*batch[2:]) if self.cache is not None else None
+        t_out = None
+        if self.t_model is not None:
+            with contextlib.nullcontext() if self.teacher_trains else torch.no_grad():
+                t_out = self._run(self.t_model, x, want_hidden)
+        s_out = self._run(self.s_model, x, want_hidden)
         s_hidden, t_hidden = self._hidden_pairs(s_out, t_out) if want_hidden else (None, None)
-        loss, parts = distillation_loss(s_out.logits, t_out.logits.detach(), y, self.weights, s_hidden, t_hidden)
-        if t_loss is not None:
+        if lean:
+            loss, parts = lean_distillation_loss(
+                s_out.hidden_states,
+                self.student.lm_head.weight,
+                y,
+                self.weights,
+                n_vocab=nv,
+                teacher_out=t_out.hidden_states if t_out is not None else None,
+                teacher_head=self.teacher.lm_head.weight if self.teacher is not None else None,
+                sparse=sparse,
+                student_hidden=s_hidden,
+                teacher_hidden=t_hidden,
+                chunk=lean,
+            )
+        else:
+            t_logits = t_out.logits[..., :nv].detach()
+            loss, parts = distillation_loss(s_out.logits[..., :nv], t_logits, y, self.weights, s_hidden, t_hidden)
+        t_loss = None
+        if self.teacher_trains:
+            assert self.teacher is not None
+            t_loss = self._clm(self.teacher, t_out, y)
             parts["teacher_clm"] = t_loss.item()
         return loss, t_loss, parts
+
+    def _clm(self, model: torch.nn.Module, out: Any, y: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss of a forward output from `_run` (model: the unwrapped one, for its head)."""
+        if self.cfg.loss_chunk:
+            hidden, head = out.hidden_states[-1], model.lm_head.weight
+            return head_loss(hidden, head, y, CLM_ONLY, n_vocab=self.n_vocab, chunk=self.cfg.loss_chunk)[0]
+        return clm_loss(out.logits[..., : self.n_vocab], y)
 
     def _hidden_pairs(self, s_out: Any, t_out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Student/teacher hidden states to match: the last (after ln_f), or every student layer's mapped one."""
@@ -177,21 +237,35 @@ class Trainer:
             raise ConfigError("cos_layers: 'all' needs a student made by `distil-codegpt student` from this teacher")
         return [s_hs[i + 1] for i in range(len(mapping))], [t_hs[j + 1].detach() for j in mapping]
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This process's slice of step `step`'s global batch, on the device: (x, y) or, from a teacher cache,
+        (x, y, top-k ids, top-k log-probs, tail)."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        x, y = self.train_data.random_batch(self.cfg.batch_size, self.cfg.seq_len, gen)  # global (B, T)
+        if self.cache is not None:  # windows of the cache's grid (the teacher saw exactly these contexts)
+            windows = torch.randint(self.cache.n_windows, (self.cfg.batch_size,), generator=gen).numpy()
+            b = self.cache.batch(windows, self.train_data)
+            tensors: tuple[torch.Tensor, ...] = (b.x, b.y, b.ids, b.logp, b.tail)
+        else:
+            tensors = self.train_data.random_batch(self.cfg.batch_size, self.cfg.seq_len, gen)  # global (B, T)
         lo = self.rt.rank * self.per_rank
-        return x[lo : lo + self.per_rank].to(self.rt.device), y[lo : lo + self.per_rank].to(self.rt.device)
+        cuda = self.rt.device.type == "cuda"
+        # pinned host memory lets the copy to the GPU overlap with compute
+        return tuple(
+            (t[lo : lo + self.per_rank].pin_memory() if cuda else t[lo : lo + self.per_rank]).to(
+                self.rt.device, non_blocking=True
+            )
+            for t in tensors
+        )
 
     def train_step(self) -> dict[str, float]:
-        x, y = self._batch(self.step)
+        batch = self._batch(self.step)
         n_micro = self.per_rank // self.micro
         totals: dict[str, float] = {}
         for m in range(n_micro):
-            xb, yb = x[m * self.micro : (m + 1) * self.micro], y[m * self.micro : (m + 1) * self.micro]
+            micro = tuple(t[m * self.micro : (m + 1) * self.micro] for t in batch)
             last = m == n_micro - 1
             with self._no_sync(last), self.rt.autocast():
-                loss, t_loss, parts = self._loss_step(xb, yb)
+                loss, t_loss, parts = self._loss_step(micro)
             self.scaler.scale(loss / n_micro).backward()
             if t_loss is not None:
                 self.t_scaler.scale(t_loss / n_micro).backward()
@@ -237,8 +311,8 @@ class Trainer:
             if i >= self.cfg.eval_batches:
                 break
             with self.rt.autocast():
-                logits = model(input_ids=x.to(self.rt.device)).logits
-            total += clm_loss(logits, y.to(self.rt.device)).item() * y.numel()
+                x, y = x.to(self.rt.device), y.to(self.rt.device)
+                total += self._clm(model, self._run(model, x, False), y).item() * y.numel()
             n += y.numel()
         model.train(was_training)
         loss = total / max(n, 1)
