@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from distil_codegpt import __version__
 from distil_codegpt.config import (
+    CacheTeacherConfig,
     CompleteConfig,
     CompressConfig,
     ConfigError,
@@ -80,6 +81,12 @@ def _train(cfg: TrainConfig) -> None:
     print_training(run_train(cfg), cfg.out)
 
 
+def _cache_teacher(cfg: CacheTeacherConfig) -> None:
+    from distil_codegpt.distill.teacher_cache import build_cache, print_cache
+
+    print_cache(build_cache(cfg), cfg.out)
+
+
 def _distil(cfg: DistilConfig) -> None:
     from distil_codegpt.distill.run import run_distil
 
@@ -143,6 +150,11 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "prepare": (PrepareConfig, _prepare, "corpus + tokenizer + shards in one go, and a summary"),
     "student": (StudentConfig, _student, "initialise a student from k teacher layers, another model, or at random"),
     "train": (TrainConfig, _train, "causal-LM training of a teacher (from a preset) or fine-tuning of a model"),
+    "cache-teacher": (
+        CacheTeacherConfig,
+        _cache_teacher,
+        "offline KD: the teacher's top-k log-probs over the train split, computed once for every student",
+    ),
     "distil": (DistilConfig, _distil, "knowledge distillation: teacher -> student (frozen or in-training teacher)"),
     "evaluate": (EvaluateConfig, _evaluate, "CodeXGLUE line-level completion: EM, ES, size, speed, latency"),
     "sweep": (SweepConfig, _sweep, "the whole study from one YAML config: data, teacher, students, variants, report"),

@@ -245,6 +245,34 @@ class DistilConfig(LoopConfig):
 
 
 @dataclass
+class CacheTeacherConfig:
+    """Run the teacher once over the train split and store its top-k next-token log-probs per token, so every
+    student of a sweep distils from this cache instead of paying a teacher forward per step. An interrupted build
+    continues where it stopped when rerun with the same --out; a complete one is reused."""
+
+    teacher: str = opt("", "teacher model: HF dir or hub id", required=True)
+    data: str = opt("", "corpus directory (its train token shards are built on first use)", required=True)
+    out: str = opt("", "cache directory: train.{ids,logp,tail}.bin, cache.json, run.json", required=True)
+    tokenizer: str = opt("", "tokenizer directory (default: the teacher's own tokenizer files)")
+    top_k: int = opt(64, "teacher log-probs kept per token, the rest summed into one tail mass (6k+4 bytes/token)")
+    seq_len: int = opt(256, "tokens per window (at most the teacher's context; use the students' seq_len)")
+    batch_size: int = opt(8, "windows per teacher forward")
+    max_windows: int = opt(0, "cache only the first N windows of the train split (0 = all)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the teacher runs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 autocast on CUDA")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+
+    def validate(self) -> None:
+        _require(self.teacher, "teacher", "pass --teacher DIR (or a hub id)")
+        _require(self.data, "data", "pass --data DIR (a corpus from `distil-codegpt corpus`)")
+        _require(self.out, "out", "pass --out DIR")
+        for name in ("top_k", "seq_len", "batch_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("max_windows", "threads"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+
+
+@dataclass
 class EvaluateConfig:
     """Line-level code completion on a CodeXGLUE line-completion file: EM, ES, size, speed, latency."""
 
