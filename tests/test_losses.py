@@ -206,3 +206,141 @@ def test_pinned_value_on_seeded_random_case() -> None:
     _, parts = distillation_loss(student, teacher, labels, weights, h_s, h_t)
     pinned = {"kd": 0.8044743, "clm": 2.5443082, "cos": 0.9132975, "mse": 1.9691664, "loss": 11.0088682}
     assert parts == pytest.approx(pinned, rel=1e-5)
+
+
+# ---------------------------------------------------------------- memory-lean head loss and sparse (cached) KD
+
+
+def _head_case(seed: int = 0, vocab: int = 13, width: int = 8, pad: int = 0) -> dict:
+    """Hidden states and heads of a student and a teacher, with masked positions; `pad` zero rows on the heads."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (3, 5), generator=g)
+    labels[0, 1] = labels[2, 4] = IGNORE_INDEX
+    w_s, w_t = torch.randn(vocab, width, generator=g), torch.randn(vocab, width, generator=g)
+    return {
+        "h": torch.randn(3, 5, width, generator=g).requires_grad_(),
+        "w": torch.cat([w_s, torch.zeros(pad, width)]).requires_grad_(),
+        "h_t": torch.randn(3, 5, width, generator=g),
+        "w_t": torch.cat([w_t, torch.zeros(pad, width)]),
+        "labels": labels,
+        "vocab": vocab,
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("pad", [0, 51])
+def test_head_loss_equals_plain_loss_values_and_gradients(chunk: int, pad: int) -> None:
+    c = _head_case(pad=pad)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, alpha_mse=0.3, temperature=2.0)
+    nv = c["vocab"]
+    plain, plain_parts = distillation_loss(
+        (c["h"] @ c["w"].T)[..., :nv], (c["h_t"] @ c["w_t"].T)[..., :nv], c["labels"], w
+    )
+    plain_grads = torch.autograd.grad(plain, [c["h"], c["w"]])
+    lean, parts = losses.head_loss(
+        c["h"], c["w"], c["labels"], w, n_vocab=nv, teacher_hidden=c["h_t"], teacher_head=c["w_t"], chunk=chunk
+    )
+    lean_grads = torch.autograd.grad(lean, [c["h"], c["w"]])
+    assert lean.item() == pytest.approx(plain.item(), rel=1e-6)
+    for name in ("kd", "clm", "mse"):
+        assert parts[name].item() == pytest.approx(plain_parts[name], rel=1e-6)
+    for a, b in zip(plain_grads, lean_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if pad:  # padding rows of the head get no gradient: they stay what they were
+        assert torch.count_nonzero(lean_grads[1][nv:]) == 0
+
+
+def test_lean_distillation_loss_with_cosine_equals_distillation_loss() -> None:
+    c = _head_case(seed=1)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=1.0, temperature=2.0)
+    args = ([c["h"]], [c["h_t"]])
+    plain, plain_parts = distillation_loss(c["h"] @ c["w"].T, c["h_t"] @ c["w_t"].T, c["labels"], w, *args)
+    lean, parts = losses.lean_distillation_loss(
+        [c["h"]], c["w"], c["labels"], w, teacher_out=[c["h_t"]], teacher_head=c["w_t"], student_hidden=[c["h"]],
+        teacher_hidden=[c["h_t"]], chunk=2,
+    )  # fmt: skip
+    assert parts == pytest.approx(plain_parts, rel=1e-6)
+    for a, b in zip(torch.autograd.grad(plain, [c["h"], c["w"]]), torch.autograd.grad(lean, [c["h"], c["w"]])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_head_loss_all_masked_is_zero_and_backpropagates() -> None:
+    c = _head_case()
+    labels = torch.full_like(c["labels"], IGNORE_INDEX)
+    w = LossWeights(alpha_ce=0.0, alpha_clm=1.0, alpha_cos=0.0)
+    loss, parts = losses.head_loss(c["h"], c["w"], labels, w)
+    loss.backward()
+    assert loss.item() == 0.0 and parts["clm"].item() == 0.0
+    assert torch.count_nonzero(c["h"].grad) == 0
+
+
+def test_head_loss_under_bf16_autocast_tracks_fp32() -> None:
+    c = _head_case(width=32)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, temperature=2.0)
+    kw = {"teacher_hidden": c["h_t"], "teacher_head": c["w_t"], "chunk": 4}
+    ref, _ = losses.head_loss(c["h"], c["w"], c["labels"], w, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = losses.head_loss(c["h"], c["w"], c["labels"], w, **kw)
+    (g_ref,) = torch.autograd.grad(ref, c["h"])
+    (g_low,) = torch.autograd.grad(low, c["h"])
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(ref.item(), rel=3e-2)
+    assert g_low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(g_low.flatten(), g_ref.flatten(), dim=0) > 0.99
+
+
+def _sparse_from(teacher_logits: torch.Tensor, k: int) -> losses.SparseTargets:
+    logp = teacher_logits.double().log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    tail = (1 - top.values.exp().sum(-1)).clamp_min(0).log()
+    return losses.SparseTargets(top.indices, top.values.float(), tail.float())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_kd_equals_hand_computed_bucket_kl(temperature: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(1, 2, 6, generator=g), torch.randn(1, 2, 6, generator=g)
+    labels = torch.tensor([[1, 2]])
+    sparse = _sparse_from(teacher, k=2)
+    expected = []
+    for t in range(2):
+        p = _softmax(teacher[0, t].tolist())
+        top = sorted(range(6), key=lambda i: -p[i])[:2]
+        rest = [i for i in range(6) if i not in top]
+        tail = sum(p[i] for i in rest)
+        # teacher buckets at T: top-k tempered exactly, the tail as 4 equal tokens of tail / 4 each
+        a = [p[i] ** (1 / temperature) for i in top] + [len(rest) * (tail / len(rest)) ** (1 / temperature)]
+        pb = [x / sum(a) for x in a]
+        q = _softmax([x / temperature for x in student[0, t].tolist()])
+        qb = [q[i] for i in top] + [sum(q[i] for i in rest)]
+        expected.append(sum(x * (math.log(x) - math.log(y)) for x, y in zip(pb, qb)))
+    got = losses.sparse_kd_loss(student, sparse, labels, temperature)
+    assert got.item() == pytest.approx(sum(expected) / 2 * temperature**2, rel=1e-4)
+
+
+def test_sparse_kd_with_the_whole_vocabulary_is_the_full_kl(case: dict) -> None:
+    sparse = _sparse_from(case["teacher"], k=4)
+    full = kd_loss(case["student"], case["teacher"], case["labels"], temperature=2.0)
+    assert losses.sparse_kd_loss(case["student"], sparse, case["labels"], 2.0).item() == pytest.approx(
+        full.item(), rel=1e-5
+    )
+
+
+def test_sparse_kd_at_t1_is_at_most_the_full_kl_and_close_for_a_peaked_teacher() -> None:
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 8, 50, generator=g), 4 * torch.randn(2, 8, 50, generator=g)
+    labels = torch.zeros(2, 8, dtype=torch.long)
+    full = kd_loss(student, teacher, labels, temperature=1.0).item()
+    bucketed = losses.sparse_kd_loss(student, _sparse_from(teacher, k=16), labels, 1.0).item()
+    assert bucketed <= full + 1e-6 and bucketed > 0.8 * full
+
+
+def test_sparse_head_loss_equals_plain_sparse_loss_values_and_gradients() -> None:
+    c = _head_case(seed=5)
+    sparse = _sparse_from(c["h_t"] @ c["w_t"].T, k=5)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, temperature=2.0)
+    logits = c["h"] @ c["w"].T
+    plain = 5.0 * losses.sparse_kd_loss(logits, sparse, c["labels"], 2.0) + 2.0 * clm_loss(logits, c["labels"])
+    lean, _ = losses.head_loss(c["h"], c["w"], c["labels"], w, sparse=sparse, chunk=3)
+    assert lean.item() == pytest.approx(plain.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(plain, [c["h"], c["w"]]), torch.autograd.grad(lean, [c["h"], c["w"]])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

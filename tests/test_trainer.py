@@ -303,3 +303,35 @@ def test_compile_path_matches_eager(tiny_data: dict, tmp_path: Path) -> None:
         results.append(state(t.student))
     for k, v in results[0].items():
         torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "train"])
+def test_lean_loss_and_padded_vocab_match_the_plain_path(tiny_data: dict, teacher_and_student, tmp_path: Path, mode):
+    """The default path (chunked head loss, head padded to 64) against full logits with no padding, 3 steps."""
+    from distil_codegpt.model.presets import load_model
+
+    runs = {}
+    for name, kw in {"plain": {"loss_chunk": 0, "pad_vocab": 1}, "lean": {"loss_chunk": 100, "pad_vocab": 64}}.items():
+        cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / name, teacher_mode=mode, max_steps=3, **kw)
+        teacher, student = load_model(str(teacher_and_student[0])), load_model(str(teacher_and_student[1]))
+        for m in (teacher, student):  # no dropout: the two paths must see the same function
+            m.config.resid_pdrop = m.config.embd_pdrop = m.config.attn_pdrop = 0.0
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Dropout):
+                    mod.p = 0.0
+        t = Trainer(cfg, setup_runtime(cfg), student, tiny_data["shards"], teacher=teacher)
+        runs[name] = (t.fit(), state(t.student), t.n_vocab)
+    (plain, plain_w, nv), (lean, lean_w, _) = runs["plain"], runs["lean"]
+    assert lean_w["transformer.wte.weight"].size(0) % 64 == 0 and plain_w["transformer.wte.weight"].size(0) == nv
+    assert lean["dev_loss"] == pytest.approx(plain["dev_loss"], rel=1e-4)
+    assert lean["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    for k, v in plain_w.items():
+        torch.testing.assert_close(lean_w[k][: v.size(0)], v, rtol=1e-3, atol=1e-5)
+
+
+def test_padded_head_is_trimmed_on_save(tiny_data: dict, tmp_path: Path) -> None:
+    run_train(train_cfg(tiny_data, tmp_path / "t", max_steps=2, eval_every=0, pad_vocab=64))
+    n_vocab = len(load_tokenizer(tiny_data["tok"]))
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path / "t")
+    assert n_vocab % 64 != 0  # else this test would not test the trimming
+    assert saved.config.vocab_size == n_vocab and saved.transformer.wte.weight.size(0) == n_vocab

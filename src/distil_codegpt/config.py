@@ -217,7 +217,7 @@ class DistilConfig(LoopConfig):
 
     teacher: str = opt("", "teacher model: HF dir or hub id (or give --teacher-cache instead)")
     student: str = opt("", "initial student: HF dir (from `distil-codegpt student`)", required=True)
-    teacher_cache: str = opt("", "distil from this teacher cache (`distil-codegpt cache-teacher`), no teacher in memory")
+    teacher_cache: str = opt("", "teacher cache dir (`distil-codegpt cache-teacher`): KD with no teacher in memory")
     teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
     temperature: float = opt(2.0, "softmax temperature T of the KD loss")
     alpha_ce: float = opt(5.0, "weight of KL(teacher_T || student_T) * T^2")

@@ -123,8 +123,9 @@ class TokenShard:
             starts = torch.randint(high, (batch_size,), generator=generator).numpy()
         else:
             starts = generator.integers(0, high, size=batch_size)
-        window = self.tokens[starts[:, None] + np.arange(seq_len + 1)]  # (B, T+1), a copy in the file's dtype
-        return torch.from_numpy(window[:, :-1].astype(np.int64)), torch.from_numpy(window[:, 1:].astype(np.int64))
+        # One gather from the memmap and one widening to int64; x and y are two views of that one (B, T+1) array.
+        window = torch.from_numpy(self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
 
     def num_windows(self, seq_len: int) -> int:
         """How many windows `sequential_batches` yields in all (for progress bars and averages)."""
