@@ -335,3 +335,44 @@ def test_padded_head_is_trimmed_on_save(tiny_data: dict, tmp_path: Path) -> None
     saved = GPT2LMHeadModel.from_pretrained(tmp_path / "t")
     assert n_vocab % 64 != 0  # else this test would not test the trimming
     assert saved.config.vocab_size == n_vocab and saved.transformer.wte.weight.size(0) == n_vocab
+
+
+def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    """KD from the cache: no teacher in memory, step 1's KD term equals the sparse KL computed here by hand."""
+    from distil_codegpt.config import CacheTeacherConfig
+    from distil_codegpt.distill.losses import SparseTargets, sparse_kd_loss
+    from distil_codegpt.distill.teacher_cache import TeacherCache, build_cache
+    from distil_codegpt.model.presets import load_model
+
+    teacher, student_dir = teacher_and_student
+    cache_dir = tmp_path / "cache"
+    values = {"teacher": str(teacher), "data": str(tiny_data["data"]), "out": str(cache_dir), "top_k": 8}
+    build_cache(build_config(CacheTeacherConfig, {**values, "seq_len": 64, "max_windows": 40}))
+    kw = {"teacher_cache": str(cache_dir), "alpha_cos": 0.0, "max_steps": 1, "eval_every": 0, "batch_size": 4}
+    cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", **{**kw, "teacher": ""})
+    student = load_model(str(student_dir)).eval()  # eval: no dropout, so the step is a plain function
+    reference = load_model(str(student_dir)).eval()
+    t = Trainer(cfg, setup_runtime(cfg), student, tiny_data["shards"], teacher_cache=TeacherCache(cache_dir))
+    t.student.eval()
+    b = t.cache.batch(
+        torch.randint(40, (4,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003)).numpy(), t.train_data
+    )
+    parts = t.train_step()
+    with torch.no_grad():
+        logits = reference(input_ids=b.x).logits
+    expected = sparse_kd_loss(logits, SparseTargets(b.ids, b.logp, b.tail), b.y, cfg.temperature)
+    assert parts["kd"] == pytest.approx(expected.item(), rel=1e-5)
+    assert t.teacher is None
+
+    metrics = run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "r", **{**kw, "max_steps": 20}))
+    untrained = Trainer(cfg, setup_runtime(cfg), load_model(str(student_dir)), tiny_data["shards"]).evaluate(
+        load_model(str(student_dir))
+    )
+    assert metrics["dev_loss"] < untrained["dev_loss"]
+    for bad, match in [
+        ({"alpha_cos": 1.0}, "alpha_cos: 1.0 is not available with --teacher-cache: the cache holds no hidden"),
+        ({"teacher_mode": "train"}, "teacher_mode: 'train' is not available with --teacher-cache"),
+        ({"seq_len": 32}, "seq_len: 32 differs from the teacher cache's windows of 64; pass --seq-len 64"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "bad", **{**kw, **bad}))
