@@ -27,6 +27,8 @@ TINY = {
     "eval_batch_size": 4,
     "latency_samples": 2,
     "threads": 1,
+    "teacher_cache": True,  # the frozen-teacher student distils from the teacher cache
+    "cache_top_k": 8,
 }
 
 
@@ -54,6 +56,9 @@ def test_every_model_of_the_study_is_made_and_evaluated(swept) -> None:
     assert longer["steps"] == 6  # twice student_steps
     frozen = json.loads((out / "students/2-frozen/run.json").read_text())["config"]
     assert frozen["teacher_mode"] == "frozen" and frozen["temperature"] == 2.0
+    assert frozen["teacher_cache"] == str(out / "teacher-cache") and frozen["alpha_cos"] == 0.0
+    cache = json.loads((out / "teacher-cache" / "cache.json").read_text())
+    assert cache["complete"] and cache["top_k"] == 8 and cache["seq_len"] == 32
     low = json.loads((out / "students/2-low-temperature/run.json").read_text())["config"]
     assert low["temperature"] == 1.0 and low["teacher_mode"] == "train"
     ce = json.loads((out / "students/2-ce-only/run.json").read_text())

@@ -346,6 +346,8 @@ class SweepConfig:
     alpha_ce: float = opt(5.0, "KD weight")
     alpha_clm: float = opt(2.0, "causal-LM weight")
     alpha_cos: float = opt(1.0, "hidden-state cosine weight")
+    teacher_cache: bool = opt(False, "frozen-teacher students distil from a teacher cache (no cosine term there)")
+    cache_top_k: int = opt(64, "teacher log-probs kept per token in the teacher cache")
     # Training loop
     seq_len: int = opt(128, "tokens per training window")
     batch_size: int = opt(16, "global batch (windows per step)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distil_codegpt.config import (
+    CacheTeacherConfig,
     ConfigError,
     CorpusConfig,
     DistilConfig,
@@ -106,6 +107,17 @@ class Sweep:
         values.update(kw)
         return Step("distil", out / "run.json", lambda: run_distil(build_config(DistilConfig, values)))
 
+    def _cache(self) -> Step:
+        """The teacher's top-k over the train split, once, for every frozen-teacher student (`teacher_cache`)."""
+        from distil_codegpt.distill.teacher_cache import build_cache
+
+        c = self.cfg
+        values = {"teacher": str(self.teacher), "data": str(self.data), "out": str(self.out / "teacher-cache"),
+                  "top_k": c.cache_top_k, "seq_len": c.seq_len, "device": c.device, "precision": c.precision,
+                  "threads": c.threads}  # fmt: skip
+        return Step("cache teacher", self.out / "teacher-cache" / "run.json",
+                    lambda: build_cache(build_config(CacheTeacherConfig, values)))  # fmt: skip
+
     def _student(self, what: str, out: Path, layers: int, **kw: Any) -> Step:
         from distil_codegpt.model.student import build_student
 
@@ -173,6 +185,10 @@ class Sweep:
                     "longer": {},
                 }[v]
                 steps = round(c.student_steps * c.longer_factor) if v == "longer" else c.student_steps
+                if v == "frozen" and c.teacher_cache:
+                    m.steps.append(self._cache())
+                    kw.update(teacher="", teacher_cache=str(self.out / "teacher-cache"), alpha_cos=0.0)
+                    m.variant += ", from the teacher cache (no hidden-state loss)"
                 m.steps.append(self._distil(out, init, steps, **kw))
             models.append(m)
         return models
