@@ -270,3 +270,30 @@ def test_out_must_not_be_the_teacher(teacher):
     with pytest.raises(ConfigError, match=r"^out: .* is the teacher's directory") as e:
         student(teacher, teacher, layers=2)
     one_line(e)
+
+
+def test_models_use_sdpa_attention_equal_to_eager(tmp_path):
+    """SDPA (fused attention on CUDA) is what our models run; it computes what the eager attention does."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config("tiny", 300)).eval()
+    assert model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"
+    eager = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, eager(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_vocab_pads_tied_head_and_keeps_logits():
+    from distil_codegpt.model.presets import pad_vocab
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config("tiny", 300)).eval()
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        assert pad_vocab(model, 64) == 300 and pad_vocab(model, 64) == 300  # idempotent
+        after = model(input_ids=x).logits
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.size(0) == 320
+    assert torch.equal(after[..., :300], before) and torch.count_nonzero(model.lm_head.weight[300:]) == 0

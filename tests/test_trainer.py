@@ -376,3 +376,20 @@ def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_pat
     ]:
         with pytest.raises(ConfigError, match=match):
             run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "bad", **{**kw, **bad}))
+
+
+def test_cpu_threads_use_every_core_shared_by_local_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distil_codegpt.runtime import cpu_threads, pick_device
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads() == cores and cpu_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    assert cpu_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    try:
+        pick_device("cpu")
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)

@@ -144,8 +144,8 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> int:
     wte = model.get_input_embeddings()
     rows = wte.weight.size(0)
     target = -(-rows // multiple) * multiple if multiple > 1 else rows
-    if target == rows:
-        return rows
+    if target == rows:  # nothing to pad, or padded already (config.vocab_size still says the real size)
+        return min(rows, model.config.vocab_size)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not wte.weight:
         raise ConfigError("pad_vocab: the model's LM head is not tied to its embeddings; pass --pad-vocab 1")
@@ -155,7 +155,7 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> int:
     wte.weight, wte.num_embeddings = weight, target
     if head is not None:
         head.weight, head.out_features = weight, target
-    return rows
+    return min(rows, model.config.vocab_size)
 
 
 def save_model(model: GPT2LMHeadModel, out: str | Path, n_vocab: int | None = None) -> None:
