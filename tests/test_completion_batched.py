@@ -1,0 +1,138 @@
+"""Batched greedy decoding (slots, KV cache, rows leaving as they end) gives exactly what one-at-a-time `generate`
+gives, for every batch size, on mixed lengths and mixed raw/normalised inputs.
+
+The reference is HF `generate` on each input alone (no padding, its own cache), through the same `encode_inputs` and
+`finish` as `complete`: what is under test is the decoding loop.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from distil_codegpt.data.line_completion import read_examples
+from distil_codegpt.data.tokenizer import encode_documents, load_tokenizer
+from distil_codegpt.evaluate import completion
+from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
+
+MAX_NEW = 12
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_data: dict):
+    return load_tokenizer(tiny_data["tok"])
+
+
+def sources(tiny_data: dict) -> list[str]:
+    return [p.read_text(encoding="utf-8") for p in sorted(Path(tiny_data["root"] / "src").glob("*.py"))]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_data: dict, tok) -> GPT2LMHeadModel:
+    """2 layers x 64, trained 300 steps on normalised and raw code: it ends some lines after a few tokens, others
+    later, others not within MAX_NEW; in raw mode with a newline token, in normalised mode with `<EOL>`."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=CONTEXT,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    docs = (tiny_data["data"] / "train.txt").read_text(encoding="utf-8").split("\n")
+    ids = encode_documents(tok, [d for d in docs if d], "codexglue") + encode_documents(tok, sources(tiny_data), "raw")
+    stream = torch.tensor([i for doc in ids for i in doc])
+    windows = stream[: len(stream) // 32 * 32].view(-1, 32)  # (N, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from more, and loses much on a busy machine
+    try:
+        for _ in range(300):
+            batch = windows[torch.randint(len(windows), (16,))]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_data: dict) -> list[str]:
+    """Normalised test inputs (most cut after 4 to 200 words), raw source cut mid-line, a few short ones; shuffled."""
+    rng = random.Random(0)
+    normalised = []
+    for ex in read_examples(tiny_data["data"] / "line_completion" / "test.json")[:18]:
+        words = ex.input.split(" ")
+        normalised.append(" ".join(words[: rng.randrange(4, 200)]) if rng.random() < 0.7 else ex.input)
+    raw = []
+    for text in sources(tiny_data)[:6]:
+        for _ in range(3):
+            cut = rng.randrange(10, min(len(text), 500))
+            raw.append(text[:cut].rstrip("\n"))
+    out = normalised + ["<s> import os <EOL> if", "<s> x ="] + raw + ["def f(", "import"]
+    rng.shuffle(out)
+    return out
+
+
+def one_at_a_time(model: GPT2LMHeadModel, tok, text: str) -> tuple[str, int]:
+    """(completion, tokens generated, stop token included) by `generate` on this input alone."""
+    stops = StopIds.of(tok)
+    ids = torch.tensor([encode_inputs(tok, [text], CONTEXT - MAX_NEW)[0]])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=MAX_NEW,
+            eos_token_id=stops.for_mode(is_raw(text)),
+            pad_token_id=stops.fill,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    return finish(tok, new, is_raw(text), stops), len(new)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_batched_greedy_equals_one_at_a_time_generate(model, tok, inputs, attention, monkeypatch) -> None:
+    model.set_attn_implementation(attention)  # eager takes an additive mask, sdpa a boolean one
+    reference = [one_at_a_time(model, tok, x) for x in inputs]
+    expected = [text for text, _ in reference]
+    # the premise: rows end at many different steps, in both modes, and some run to MAX_NEW
+    steps = {mode: [n for (_, n), x in zip(reference, inputs) if is_raw(x) == mode] for mode in (False, True)}
+    for mode, ns in steps.items():
+        assert len({n for n in ns if n < MAX_NEW}) >= 3, (mode, ns)
+    assert MAX_NEW in steps[False] + steps[True]
+    lengths = {len(ids) for ids in encode_inputs(tok, inputs, CONTEXT - MAX_NEW)}
+    assert len(lengths) >= 12 and max(lengths) == CONTEXT - MAX_NEW  # mixed lengths, some cut to the context
+    assert len(set(expected)) > len(inputs) // 2
+
+    compactions: list[tuple[int, int]] = []  # (rows before, rows kept): a shift keeps all, a drop fewer
+    compact = completion._Slots.compact
+
+    def spy(self, keep: torch.Tensor) -> None:
+        compactions.append((len(self.first), len(keep)))
+        compact(self, keep)
+
+    monkeypatch.setattr(completion._Slots, "compact", spy)
+    for batch in (1, 3, 8, 64):
+        got = complete(model, tok, inputs, batch_size=batch, max_new_tokens=MAX_NEW, progress=False)
+        assert got == expected, batch
+    assert any(kept == before for before, kept in compactions)  # the buffer filled up and moved left
+    assert any(kept < before for before, kept in compactions)  # ended rows were dropped
+    model.set_attn_implementation("sdpa")
+
+
+def test_one_input_and_max_new_tokens_one(model, tok, inputs) -> None:
+    for x in inputs[:4]:
+        assert complete(model, tok, [x], max_new_tokens=MAX_NEW, progress=False) == [one_at_a_time(model, tok, x)[0]]
+    firsts = complete(model, tok, inputs, batch_size=5, max_new_tokens=1, progress=False)
+    assert all("\n" not in p for p in firsts) and len(firsts) == len(inputs)
