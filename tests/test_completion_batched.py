@@ -123,7 +123,7 @@ def test_batched_greedy_equals_one_at_a_time_generate(model, tok, inputs, attent
         compact(self, keep)
 
     monkeypatch.setattr(completion._Slots, "compact", spy)
-    for batch in (1, 3, 8, 64):
+    for batch in (1, 3, 8, 16, 24, 64):
         got = complete(model, tok, inputs, batch_size=batch, max_new_tokens=MAX_NEW, progress=False)
         assert got == expected, batch
     assert any(kept == before for before, kept in compactions)  # the buffer filled up and moved left
@@ -136,3 +136,12 @@ def test_one_input_and_max_new_tokens_one(model, tok, inputs) -> None:
         assert complete(model, tok, [x], max_new_tokens=MAX_NEW, progress=False) == [one_at_a_time(model, tok, x)[0]]
     firsts = complete(model, tok, inputs, batch_size=5, max_new_tokens=1, progress=False)
     assert all("\n" not in p for p in firsts) and len(firsts) == len(inputs)
+
+
+def test_long_inputs_keep_their_positions_in_the_context(model, tok, tiny_data) -> None:
+    """Every input cut to the context: any slot's position past it would fail the position embedding."""
+    long = [ex.input for ex in read_examples(tiny_data["data"] / "line_completion" / "test.json")[:60]]
+    long = [x for x in long if len(tok(x)["input_ids"]) > CONTEXT][:24]
+    expected = [one_at_a_time(model, tok, x)[0] for x in long]
+    for batch in (16, 24):
+        assert complete(model, tok, long, batch_size=batch, max_new_tokens=MAX_NEW, progress=False) == expected

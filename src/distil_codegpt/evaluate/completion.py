@@ -18,7 +18,6 @@ longer than the context minus `max_new_tokens` keep their last tokens: those are
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -227,12 +226,13 @@ class _Slots(Cache):
 
 class _Greedy:
     """Greedy decoding of many sequences, longest first, in a fixed number of slots: a step feeds one token to every
-    slot; a row that ends its line leaves at once and the next sequence takes its slot, so no step runs a finished
-    row and the batch stays full until the queue runs dry (then it shrinks).
+    slot; a row that ends its line leaves at once and the next sequences take the free slots, so no batch waits for
+    its slowest row. Once the queue has run dry, free slots are dropped.
 
     Newcomers are prefilled together (left-padded, with an attention mask and positions counted from each row's
-    first real token), and their keys and values copied into their slots to end at the shared column: the longest
-    come first, so that column is always far enough right.
+    first real token), a few at a time (a forward call costs as much overhead as a step), and their keys and values
+    copied into their slots to end at the shared column: the longest come first, so that column is always far enough
+    right. A free slot decodes garbage until it is filled or dropped; nothing reads it.
     """
 
     def __init__(
@@ -255,8 +255,9 @@ class _Greedy:
     def run(self, slots: int) -> Iterator[tuple[int, list[int]]]:
         """(sequence index, its new ids up to and with its stop token) of every sequence, in the order they end."""
         n = min(slots, len(self.seqs))
-        self.queue = iter(range(len(self.seqs)))
-        self.rows: list[int | None] = [None] * n  # the sequence each slot decodes
+        self.taken = 0  # sequences seated so far: the queue is seqs[taken:]
+        self.rows: list[int | None] = [None] * n  # the sequence each slot decodes, None = free
+        self.live = torch.zeros(n, dtype=torch.bool, device=self.device)  # the same, as a mask
         self.nxt = torch.zeros(n, dtype=torch.long, device=self.device)  # the id each slot feeds next...
         self.pos = torch.zeros_like(self.nxt)  # ...at this position
         self.mode = torch.zeros_like(self.nxt)  # 1 = raw
@@ -264,20 +265,28 @@ class _Greedy:
         self.new = torch.zeros(n, self.max_new, dtype=torch.long, device=self.device)  # (slot, step)
         self.done = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.cache: _Slots | None = None
-        ended = list(range(n))
+        gather = max(1, n // 8)  # free slots to wait for before seating newcomers, or dropping slots
+        free, ended = list(range(n)), []
         while True:
+            for s, k, ids in zip(ended, self.count[ended].tolist(), self.new[ended].tolist()):
+                yield self.rows[s], ids[:k]
+                self.rows[s] = None
             if ended:
-                while ended:  # hand back ended rows and seat newcomers (which may end on their first token)
-                    for s, k, ids in zip(ended, self.count[ended].tolist(), self.new[ended].tolist()):
-                        if self.rows[s] is not None:
-                            yield self.rows[s], ids[:k]
-                    ended = self._seat(ended)
-                seated = [s for s, r in enumerate(self.rows) if r is not None]
-                if not seated:
-                    return
-                if len(seated) < len(self.rows):
-                    self._keep(seated)
-                self.cache.refresh()
+                self.live[ended], self.count[ended] = False, 0
+                self.cache.first[ended] = self.width  # a free slot owns no column: `start` moves on
+                free += ended
+            waiting = len(self.seqs) - self.taken
+            if free and waiting and len(free) >= min(gather, waiting):
+                seat, free = free[:waiting], free[waiting:]
+                ended = self._seat(seat)  # newcomers whose first token ends the line
+                if ended:
+                    continue
+            if len(free) == len(self.rows):
+                return
+            if free and not waiting and len(free) >= gather:
+                self._keep([s for s, r in enumerate(self.rows) if r is not None])
+                free = []
+            self.cache.refresh()
             self._step()
             ended = self.done.nonzero()[:, 0].tolist()
 
@@ -285,23 +294,21 @@ class _Greedy:
         mask = self.cache.step_mask()
         self.nxt = self._forward(self.nxt[:, None], self.pos[:, None], mask, self.cache).argmax(-1)
         self.cache.col += 1
-        self.pos += 1
+        self.pos += self.live  # a free slot stays put, inside the context
         self._record(torch.arange(len(self.rows), device=self.device))
 
     def _record(self, slots: Tensor) -> None:
-        """Append each slot's next token to its ids; done = a stop id, or max_new_tokens reached."""
+        """Append each live slot's next token to its ids; done = a stop id, or max_new_tokens reached."""
+        live = self.live[slots]
         self.new[slots, self.count[slots]] = self.nxt[slots]
-        self.count[slots] += 1
-        self.done[slots] = self.is_stop[self.mode[slots], self.nxt[slots]] | (self.count[slots] == self.max_new)
+        self.count[slots] += live
+        stop = self.is_stop[self.mode[slots], self.nxt[slots]] | (self.count[slots] == self.max_new)
+        self.done[slots] = stop & live
 
-    def _seat(self, free: list[int]) -> list[int]:
-        """Prefill the next sequences into slots `free`, mark the slots left over empty; the seated ones that are
-        done already (their first token ends the line)."""
-        take = list(itertools.islice(self.queue, len(free)))
-        for s in free[len(take) :]:
-            self.rows[s] = None
-        if not take:
-            return []
+    def _seat(self, slots: list[int]) -> list[int]:
+        """Prefill the next sequences into `slots`; the slots whose first token ends the line already."""
+        take = range(self.taken, self.taken + len(slots))
+        self.taken += len(slots)
         width = max(len(self.seqs[i]) for i in take)
         x = torch.full((len(take), width), self.pad, dtype=torch.long)
         real = torch.zeros((len(take), width), dtype=torch.bool)
@@ -318,21 +325,21 @@ class _Greedy:
         first = self._forward(x, pos, mask, prefill).argmax(-1)
         if self.cache is None:
             self.cache = _Slots(prefill, len(self.rows), self.width)
-        slots = torch.tensor(free[: len(take)], device=self.device)
-        self.cache.place(slots, prefill, real)
-        self.pos[slots], self.count[slots], self.nxt[slots] = real.sum(-1), 0, first
-        self.mode[slots] = torch.tensor([self.raw[i] for i in take], dtype=torch.long, device=self.device)
-        for s, i in zip(free, take):
+        at = torch.tensor(slots, device=self.device)
+        self.cache.place(at, prefill, real)
+        self.pos[at], self.count[at], self.nxt[at], self.live[at] = real.sum(-1), 0, first, True
+        self.mode[at] = torch.tensor([self.raw[i] for i in take], dtype=torch.long, device=self.device)
+        for s, i in zip(slots, take):
             self.rows[s] = i
-        self._record(slots)
-        return slots[self.done[slots]].tolist()
+        self._record(at)
+        return at[self.done[at]].tolist()
 
     def _keep(self, seated: list[int]) -> None:
-        """Drop the empty slots: the queue has run dry."""
+        """Drop the free slots (the queue has run dry)."""
         keep = torch.tensor(seated, device=self.device)
         self.cache.compact(keep)
         self.rows = [self.rows[s] for s in seated]
-        for name in ("nxt", "pos", "mode", "count", "new", "done"):
+        for name in ("live", "nxt", "pos", "mode", "count", "new", "done"):
             setattr(self, name, getattr(self, name)[keep])
 
     def _forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: Cache) -> Tensor:
