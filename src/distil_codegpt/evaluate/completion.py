@@ -174,6 +174,8 @@ class _Slots(Cache):
     Row r owns the columns marked in `valid[r]`, all at `first[r]` or right of it; a step attends to `start:col + 1`.
     """
 
+    NONE = 1 << 62  # `first` of a row that owns no column (a free slot): far right, also after a move left
+
     def __init__(self, prefill: DynamicCache, rows: int, width: int) -> None:
         super().__init__(layers=[])  # the tensors below are the whole cache
         self.k = [x.keys.new_zeros(rows, x.keys.shape[1], width, x.keys.shape[3]) for x in prefill.layers]
@@ -220,7 +222,7 @@ class _Slots(Cache):
         self.valid, self.first, self.col, self.start = valid, self.first[keep] - lo, n, 0
 
     def refresh(self) -> None:
-        """Attend from the first column a row owns (rows come and go)."""
+        """Attend from the first column any row owns (after rows came or went)."""
         self.start = int(self.first.min())
 
 
@@ -272,8 +274,8 @@ class _Greedy:
                 yield self.rows[s], ids[:k]
                 self.rows[s] = None
             if ended:
-                self.live[ended], self.count[ended] = False, 0
-                self.cache.first[ended] = self.width  # a free slot owns no column: `start` moves on
+                self.live[ended], self.count[ended], self.cache.first[ended] = False, 0, _Slots.NONE
+                self.cache.refresh()
                 free += ended
             waiting = len(self.seqs) - self.taken
             if free and waiting and len(free) >= min(gather, waiting):
@@ -286,7 +288,6 @@ class _Greedy:
             if free and not waiting and len(free) >= gather:
                 self._keep([s for s, r in enumerate(self.rows) if r is not None])
                 free = []
-            self.cache.refresh()
             self._step()
             ended = self.done.nonzero()[:, 0].tolist()
 
@@ -332,6 +333,7 @@ class _Greedy:
         for s, i in zip(slots, take):
             self.rows[s] = i
         self._record(at)
+        self.cache.refresh()
         return at[self.done[at]].tolist()
 
     def _keep(self, seated: list[int]) -> None:
