@@ -1,12 +1,13 @@
 """Line-completion throughput: one-at-a-time `generate` against our batched decoding, on the same examples.
 
     make demo
-    python benchmarks/eval_throughput.py --model runs/demo/teacher --n 200 --batch-size 32
+    python benchmarks/eval_throughput.py --model runs/demo/teacher --n 200 --batch-size 16 32 64
     python benchmarks/eval_throughput.py --preset codegpt-small --tokenizer runs/demo/tok --n 16 --batch-size 16
 
 `--model` takes a trained model directory; `--preset` builds a random-initialised model of that shape with the
 given tokenizer (a random model rarely ends a line, so nearly every completion runs to --max-new-tokens: a
-worst case). Prints samples/s of each way, their ratio, and the share of identical predictions.
+worst case). Greedy, fp32, CPU. Prints samples/s of each way, the ratio to one at a time, and the share of
+predictions identical to one at a time's.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def main() -> None:
     p.add_argument("--tokenizer", default="runs/demo/tok")
     p.add_argument("--test", default="runs/demo/data/line_completion/test.json")
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more; each gets a row")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,21 +65,28 @@ def main() -> None:
     model.eval()
     inputs = [ex.input for ex in read_examples(a.test)[: a.n]]
     stops = StopIds.of(tok)
+    kw = {"max_new_tokens": a.max_new_tokens, "device": "cpu", "progress": False, "stops": stops}
+    complete(model, tok, inputs[:2], batch_size=2, **kw)  # warm-up (allocator, kernels), untimed
+    naive(model, tok, inputs[:2], a.max_new_tokens, stops)
 
     start = time.perf_counter()
     one = naive(model, tok, inputs, a.max_new_tokens, stops)
     naive_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = complete(model, tok, inputs, a.batch_size, 1, a.max_new_tokens, "cpu", progress=False, stops=stops)
-    batched_s = time.perf_counter() - start
+    rows = [("one at a time (generate)", naive_s, 1.0)]
+    for batch in a.batch_size:
+        start = time.perf_counter()
+        batched = complete(model, tok, inputs, batch_size=batch, **kw)
+        seconds = time.perf_counter() - start
+        rows.append((f"batched, batch {batch}", seconds, sum(x == y for x, y in zip(one, batched)) / len(inputs)))
 
-    same = sum(x == y for x, y in zip(one, batched)) / len(inputs)
-    name = a.model or f"{a.preset} (random weights)"
-    print(f"{name}: {count_params(model):,} params; {len(inputs)} examples; {torch.get_num_threads()} threads, CPU")
-    print(f"{'way':<28} {'samples/s':>10} {'ratio':>7}")
-    print(f"{'one at a time (generate)':<28} {len(inputs) / naive_s:>10.2f} {1.0:>7.2f}")
-    print(f"{f'batched (batch {a.batch_size})':<28} {len(inputs) / batched_s:>10.2f} {naive_s / batched_s:>7.2f}")
-    print(f"identical predictions: {same:.1%}")
+    cfg = model.config
+    name = a.model or f"{a.preset or 'tiny'} (random weights)"
+    print(f"{name}: {cfg.n_layer} layers x {cfg.n_embd}, {count_params(model):,} params, vocab {cfg.vocab_size}")
+    threads = torch.get_num_threads()
+    print(f"{len(inputs)} examples, up to {a.max_new_tokens} new tokens, greedy fp32; CPU, {threads} threads")
+    print(f"{'way':<26} {'samples/s':>10} {'ratio':>7} {'identical':>10}")
+    for way, seconds, same in rows:
+        print(f"{way:<26} {len(inputs) / seconds:>10.2f} {naive_s / seconds:>7.2f} {same:>10.1%}")
 
 
 if __name__ == "__main__":
