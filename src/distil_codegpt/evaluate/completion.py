@@ -231,10 +231,10 @@ class _Greedy:
     slot; a row that ends its line leaves at once and the next sequences take the free slots, so no batch waits for
     its slowest row. Once the queue has run dry, free slots are dropped.
 
-    Newcomers are prefilled together (left-padded, with an attention mask and positions counted from each row's
-    first real token), a few at a time (a forward call costs as much overhead as a step), and their keys and values
-    copied into their slots to end at the shared column: the longest come first, so that column is always far enough
-    right. A free slot decodes garbage until it is filled or dropped; nothing reads it.
+    Newcomers are seated a few at a time (a forward call costs as much overhead as a step) and prefilled in runs of
+    similar length (left-padded, with an attention mask and positions counted from each row's first real token);
+    their keys and values are copied into their slots to end at the shared column: the longest come first, so that
+    column is always far enough right. A free slot decodes garbage until it is filled or dropped; nothing reads it.
     """
 
     def __init__(
@@ -310,10 +310,29 @@ class _Greedy:
         """Prefill the next sequences into `slots`; the slots whose first token ends the line already."""
         take = range(self.taken, self.taken + len(slots))
         self.taken += len(slots)
-        width = max(len(self.seqs[i]) for i in take)
-        x = torch.full((len(take), width), self.pad, dtype=torch.long)
-        real = torch.zeros((len(take), width), dtype=torch.bool)
-        for r, i in enumerate(take):
+        lo = 0
+        while lo < len(take):  # runs of similar length (longest first): padding stays under 1/8 of a row
+            hi = lo + 1
+            while hi < len(take) and 8 * len(self.seqs[take[hi]]) >= 7 * len(self.seqs[take[lo]]):
+                hi += 1
+            self._prefill(take[lo:hi], slots[lo:hi])
+            lo = hi
+        at = torch.tensor(slots, device=self.device)
+        self.count[at], self.live[at] = 0, True
+        self.mode[at] = torch.tensor([self.raw[i] for i in take], dtype=torch.long, device=self.device)
+        for s, i in zip(slots, take):
+            self.rows[s] = i
+        self._record(at)
+        self.cache.refresh()
+        return at[self.done[at]].tolist()
+
+    def _prefill(self, seqs: range, slots: list[int]) -> None:
+        """Run sequences `seqs` left-padded in one batch, copy their keys and values into `slots`, and set the slots'
+        first new token and its position."""
+        width = max(len(self.seqs[i]) for i in seqs)
+        x = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        real = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for r, i in enumerate(seqs):
             x[r, width - len(self.seqs[i]) :] = torch.tensor(self.seqs[i], dtype=torch.long)
             real[r, width - len(self.seqs[i]) :] = True
         x, real = x.to(self.device), real.to(self.device)
@@ -328,13 +347,7 @@ class _Greedy:
             self.cache = _Slots(prefill, len(self.rows), self.width)
         at = torch.tensor(slots, device=self.device)
         self.cache.place(at, prefill, real)
-        self.pos[at], self.count[at], self.nxt[at], self.live[at] = real.sum(-1), 0, first, True
-        self.mode[at] = torch.tensor([self.raw[i] for i in take], dtype=torch.long, device=self.device)
-        for s, i in zip(slots, take):
-            self.rows[s] = i
-        self._record(at)
-        self.cache.refresh()
-        return at[self.done[at]].tolist()
+        self.pos[at], self.nxt[at] = real.sum(-1), first
 
     def _keep(self, seated: list[int]) -> None:
         """Drop the free slots (the queue has run dry)."""
