@@ -8,10 +8,10 @@ token whose text holds a line break, or `</s>`. Predictions never hold a line br
 predictions.txt with universal newlines, so one inside a completion would shift every later line.
 
 Greedy decoding runs our own loop, not `generate`: inputs, sorted longest first, fill `batch_size` slots. Newcomers
-are prefilled together, left-padded with an attention mask and positions counted from each row's first real token;
-then every step feeds each slot one token through a KV cache allocated once and written in place. A row leaves as
-soon as it ends its line and the next input takes its slot, so no step computes a finished row and no batch waits
-for its slowest row. A row attends to its own tokens only: batched output equals batch-1 output, and in fp32 that of
+are prefilled in runs of similar length, left-padded with an attention mask and positions counted from each row's
+first real token; then every step feeds each slot one token through a KV cache allocated once and written in place.
+A row leaves as soon as it ends its line and the next inputs take the free slots, so no batch waits for its slowest
+row. A row attends to its own tokens only: batched output equals batch-1 output, and in fp32 that of
 `generate` on each input alone. Beam search goes through `generate`, on left-padded batches of one mode. Inputs
 longer than the context minus `max_new_tokens` keep their last tokens: those are the ones the next line depends on.
 """
