@@ -221,6 +221,7 @@ def heal(
             "eval_every": 0,
             "save_every": 0,
             "tensorboard": False,
+            "pad_vocab": 1,  # the masks and hooks hold these very parameters: no padding may replace them
         },
     )
     params = dict(model.named_parameters())
