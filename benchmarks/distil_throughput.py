@@ -92,6 +92,7 @@ def run_mode(a: argparse.Namespace) -> dict:
         naive = {"loss_chunk": 0, "pad_vocab": 1} if a.mode == "naive" else {}
         cfg = build_config(DistilConfig, {**common, **kd, "teacher_mode": mode, **naive})
     rt = setup_runtime(cfg)
+    params = count_params(student)  # before the trainer pads the head
     trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, teacher_cache=cache)
     cuda = rt.device.type == "cuda"
     if cuda:
@@ -116,7 +117,7 @@ def run_mode(a: argparse.Namespace) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "mode": a.mode,
-        "params": count_params(student),
+        "params": params,
         "tokens_per_s": a.steps * a.batch_size * a.seq_len / seconds,
         "ms_per_step": 1000 * seconds / a.steps,
         "peak_mb": peak_mb,
@@ -150,7 +151,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=0)
     p.add_argument("--alpha-cos", type=float, default=0.0)
-    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of our modes' head loss")
+    p.add_argument("--loss-chunk", type=int, default=-1, help="tokens per chunk of our modes' head loss (-1 = auto)")
     p.add_argument("--top-k", type=int, default=64, help="teacher cache: log-probs kept per token")
     p.add_argument("--cache-windows", type=int, default=256, help="teacher cache: windows cached (and sampled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

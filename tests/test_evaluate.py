@@ -315,3 +315,18 @@ def test_bad_input_is_one_clear_error(tiny_data: dict, tok, tmp_path: Path) -> N
         run_evaluate(eval_cfg(tiny_data, bare, tmp_path / "o"))
     with pytest.raises(UserError, match="no such line-completion file"):
         run_evaluate(eval_cfg(tiny_data, bare, tmp_path / "o", test=str(tmp_path / "missing.json")))
+
+
+def test_context_option_uses_only_the_first_positions(tiny_data: dict, trained: Path, tok, tmp_path: Path) -> None:
+    """--context N: inputs cut to N - max_new_tokens tokens, as for a model whose context were N."""
+    n = 24
+    metrics = run_evaluate(eval_cfg(tiny_data, trained, tmp_path / "c", context=n, latency_samples=0))
+    model = GPT2LMHeadModel.from_pretrained(trained).eval()
+    assert model.config.n_positions > n
+    model.config.n_positions = n
+    inputs = [ex.input for ex in read_examples(tiny_data["data"] / "line_completion" / "test.json")[:20]]
+    expected = complete(model, tok, inputs, max_new_tokens=16, progress=False)
+    assert (tmp_path / "c" / "predictions.txt").read_text().splitlines() == expected
+    full = run_evaluate(eval_cfg(tiny_data, trained, tmp_path / "f", latency_samples=0))
+    assert full["n"] == metrics["n"] == 20
+    assert (tmp_path / "f" / "predictions.txt").read_text() != (tmp_path / "c" / "predictions.txt").read_text()

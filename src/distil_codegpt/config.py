@@ -183,7 +183,7 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = opt(False, "torch.compile the model(s) (measured: see docs/PERFORMANCE.md)")
     pad_vocab: int = opt(64, "in memory, pad the vocabulary to a multiple of this for faster matmuls (1 = off)")
-    loss_chunk: int = opt(1024, "tokens per chunk of the memory-lean LM-head loss (0 = plain full-logits loss)")
+    loss_chunk: int = opt(-1, "tokens per chunk of the lean LM-head loss (-1 = auto, ~16 MB of logits; 0 = plain)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
     tensorboard: bool = opt(True, "also log to OUT/tensorboard when tensorboard is installed")
@@ -196,7 +196,7 @@ class LoopConfig:
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
         for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
-        _check(self.loss_chunk >= 0, "loss_chunk", self.loss_chunk, "use 0 (plain loss) or more tokens")
+        _check(self.loss_chunk >= -1, "loss_chunk", self.loss_chunk, "use -1 (auto), 0 (plain loss) or a token count")
         _check(self.lr > 0, "lr", self.lr, "use a positive learning rate")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1]")
         _check(self.max_minutes >= 0, "max_minutes", self.max_minutes, "use 0 (no limit) or more")
@@ -283,6 +283,7 @@ class EvaluateConfig:
     beam: int = opt(1, "beam width: 1 = greedy; CodeXGLUE's pipeline used 5")
     batch_size: int = opt(32, "examples decoded together")
     max_new_tokens: int = opt(100, "at most this many new tokens per completion")
+    context: int = opt(0, "use at most this many positions (0 = the model's context); e.g. the trained seq_len")
     tokens: str = opt("", "token-completion file (e.g. DATA/test.txt) for perplexity (empty = skip)")
     latency_samples: int = opt(50, "examples for the batch-1 latency percentiles (0 = skip)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
@@ -296,7 +297,7 @@ class EvaluateConfig:
         _require(self.out, "out", "pass --out DIR")
         for name in ("beam", "batch_size", "max_new_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
-        for name in ("limit", "latency_samples", "threads"):
+        for name in ("limit", "latency_samples", "threads", "context"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
 
 

@@ -144,7 +144,7 @@ def _open_cache(cfg: DistilConfig, student: torch.nn.Module) -> Any:
         "teacher_mode": (cfg.teacher_mode == "train", "a cached teacher cannot train; use --teacher-mode frozen"),
         "alpha_cos": (cfg.alpha_cos > 0, "the cache holds no hidden states; pass --alpha-cos 0, or distil online"),
         "alpha_mse": (cfg.alpha_mse > 0, "the cache holds no full logits; pass --alpha-mse 0, or distil online"),
-        "loss_chunk": (cfg.loss_chunk == 0, "cached KD runs on the chunked loss only; keep --loss-chunk above 0"),
+        "loss_chunk": (cfg.loss_chunk == 0, "cached KD needs the chunked loss; use --loss-chunk -1 (auto) or N > 0"),
     }
     for name, (bad, fix) in unavailable.items():
         if bad:

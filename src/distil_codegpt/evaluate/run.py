@@ -63,10 +63,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     tok = model_tokenizer(cfg.model)
     kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
     if kind not in ("torch", "torch-int8"):
+        if cfg.context:
+            raise ConfigError(f"context: {cfg.context}; an exported engine uses its full context, pass --context 0")
         return _evaluate_engine(cfg, examples, tok, t0)
     if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
         raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
     model = load_for_evaluation(cfg.model)[0].to(device).eval()
+    if cfg.context:  # positions a model never trained on (beyond its training seq_len) only add noise
+        model.config.n_positions = min(model.config.n_positions, cfg.context)
     if len(tok) > model.config.vocab_size:
         raise ConfigError(
             f"model: tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "
