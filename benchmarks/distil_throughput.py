@@ -76,6 +76,7 @@ def run_mode(a: argparse.Namespace) -> dict:
         "compile": a.compile,
         "threads": a.threads,
         "loss_chunk": a.loss_chunk,
+        "pad_vocab": a.pad_vocab,
     }
     kd = {"teacher": "t", "student": "s", "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": a.alpha_cos}
     cache = None
@@ -152,6 +153,7 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=0)
     p.add_argument("--alpha-cos", type=float, default=0.0)
     p.add_argument("--loss-chunk", type=int, default=-1, help="tokens per chunk of our modes' head loss (-1 = auto)")
+    p.add_argument("--pad-vocab", type=int, default=64, help="our modes: pad the head to a multiple of this")
     p.add_argument("--top-k", type=int, default=64, help="teacher cache: log-probs kept per token")
     p.add_argument("--cache-windows", type=int, default=256, help="teacher cache: windows cached (and sampled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -187,7 +189,8 @@ def main() -> None:
     print(
         f"preset {a.preset}: teacher {a.teacher_layers} layers, student {a.student_layers} ({rows[0]['params']:,}"
         f" params); vocab {vocab:,}; batch {a.batch_size} x {a.seq_len} tokens; {rows[0]['device']},"
-        f" {rows[0]['threads']} threads, precision {a.precision}{', compiled' if a.compile else ''}"
+        f" {rows[0]['threads']} threads, precision {a.precision}{', compiled' if a.compile else ''};"
+        f" our modes: --loss-chunk {a.loss_chunk} --pad-vocab {a.pad_vocab}"
     )
     if cache_note:
         print(cache_note)
