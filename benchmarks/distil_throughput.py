@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=0)
     p.add_argument("--alpha-cos", type=float, default=0.0)
     p.add_argument("--loss-chunk", type=int, default=-1, help="tokens per chunk of our modes' head loss (-1 = auto)")
-    p.add_argument("--pad-vocab", type=int, default=64, help="our modes: pad the head to a multiple of this")
+    p.add_argument("--pad-vocab", type=int, default=0, help="our modes: pad the head (0 = 64 on CUDA, off on CPU)")
     p.add_argument("--top-k", type=int, default=64, help="teacher cache: log-probs kept per token")
     p.add_argument("--cache-windows", type=int, default=256, help="teacher cache: windows cached (and sampled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -182,7 +182,7 @@ class LoopConfig:
     resume: bool = opt(False, "continue exactly from OUT/checkpoints/last")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = opt(False, "torch.compile the model(s) (measured: see docs/PERFORMANCE.md)")
-    pad_vocab: int = opt(64, "in memory, pad the vocabulary to a multiple of this for faster matmuls (1 = off)")
+    pad_vocab: int = opt(0, "pad the LM head in memory to a multiple of this (0 = 64 on CUDA, off on CPU; 1 = off)")
     loss_chunk: int = opt(-1, "tokens per chunk of the lean LM-head loss (-1 = auto, ~16 MB of logits; 0 = plain)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
@@ -192,9 +192,10 @@ class LoopConfig:
     def validate(self) -> None:
         _require(self.data, "data", "pass --data DIR (a corpus from `distil-codegpt corpus`)")
         _require(self.out, "out", "pass --out DIR")
-        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every", "pad_vocab"):
+        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
-        for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads"):
+        zero_ok = ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads", "pad_vocab")
+        for name in zero_ok:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.loss_chunk >= -1, "loss_chunk", self.loss_chunk, "use -1 (auto), 0 (plain loss) or a token count")
         _check(self.lr > 0, "lr", self.lr, "use a positive learning rate")

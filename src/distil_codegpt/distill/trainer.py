@@ -99,9 +99,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, cfg: LoopConfig, device: t
 def loss_chunk(setting: int, vocab: int) -> int:
     """Tokens per chunk of the head loss: `setting`, or for -1 about 16 MB of fp32 logits per [chunk, V] tensor.
 
-    Measured on 2 CPU cores (head loss forward + backward, 2,048 tokens, width 128): at V = 50k, chunks of 64-128
-    tokens took 1.3-1.4 s and chunks of 1,024 took 2.8 s (the chunk's tensors no longer stay in cache); at V = 4k,
-    64 to 1,024 all took about 0.1 s.
+    Measured on 2 CPU cores by benchmarks/head_loss_chunks.py (forward + backward, 2,048 tokens, width 128): at
+    V = 50k, chunks of 64-128 tokens took 1.2-1.3 s and chunks of 1,024 took 3.4 s (their tensors no longer stay
+    in the CPU cache); at V = 4k, chunks of 64 to 2,048 took 0.08 to 0.13 s.
     """
     if setting >= 0:
         return setting
@@ -151,10 +151,12 @@ class Trainer:
         self.weights = (
             LossWeights(cfg.alpha_ce, cfg.alpha_clm, cfg.alpha_cos, cfg.alpha_mse, cfg.temperature) if self.kd else None
         )
-        self.n_vocab = pad_vocab(student, cfg.pad_vocab)
+        # 0 = auto: pad for the GPU's matmul tiles; on the CPU padding measured no faster (docs/PERFORMANCE.md)
+        multiple = cfg.pad_vocab or (64 if rt.device.type == "cuda" else 1)
+        self.n_vocab = pad_vocab(student, multiple)
         self.chunk = loss_chunk(cfg.loss_chunk, student.lm_head.weight.size(0))
         if teacher is not None:
-            pad_vocab(teacher, cfg.pad_vocab)
+            pad_vocab(teacher, multiple)
         self.student = student.to(rt.device).train()
         self.teacher = teacher.to(rt.device) if teacher is not None else None
         if self.teacher is not None:
