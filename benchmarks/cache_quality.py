@@ -22,7 +22,6 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from distil_codegpt.config import CacheTeacherConfig, DistilConfig, EvaluateConfig, StudentConfig, build_config
@@ -133,8 +132,7 @@ def _distil(run_dir: Path, values: dict, grid: bool) -> dict:
 
     def grid_batch(self: TokenShard, batch_size: int, seq_len: int, generator: torch.Generator):  # noqa: ANN202
         w = torch.randint(self.num_windows(seq_len), (batch_size,), generator=generator).numpy()
-        window = torch.from_numpy(self.tokens[w[:, None] * seq_len + np.arange(seq_len + 1)].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        return self.grid_windows(w, seq_len)
 
     TokenShard.random_batch = grid_batch  # the cache's draw (same generator, same windows), online teacher
     try:

@@ -181,3 +181,14 @@ def test_too_short_split_and_format_mismatch_are_clear_errors(corpus: tuple[Path
     raw = write_corpus(tmp_path / "raw", RAW_DOCS, "raw")
     with pytest.raises(UserError, match="trained on a codexglue corpus but .* is raw; train a tokenizer"):
         build(raw, tok_dir)
+
+
+def test_grid_windows_are_the_windows_sequential_batches_walks(corpus: tuple[Path, Path]) -> None:
+    data, tok_dir = corpus
+    shard = TokenShard(build(data, tok_dir, splits=["train"])["out"], "train")
+    seq_len = 8
+    xs, ys = zip(*shard.sequential_batches(4, seq_len))
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    picks = np.array([3, 0, shard.num_windows(seq_len) - 1, 3])
+    x, y = shard.grid_windows(picks, seq_len)
+    assert torch.equal(x, x_all[picks]) and torch.equal(y, y_all[picks])

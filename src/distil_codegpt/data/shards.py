@@ -123,6 +123,15 @@ class TokenShard:
             starts = torch.randint(high, (batch_size,), generator=generator).numpy()
         else:
             starts = generator.integers(0, high, size=batch_size)
+        return self._gather(np.asarray(starts), seq_len)
+
+    def grid_windows(self, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), int64 (B, T): windows number `windows` of the fixed grid `sequential_batches` walks (window w
+        starts at token w * seq_len); the teacher cache is laid out on this grid."""
+        self._check(seq_len)
+        return self._gather(np.asarray(windows) * seq_len, seq_len)
+
+    def _gather(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         # One gather from the memmap and one widening to int64; x and y are two views of that one (B, T+1) array.
         window = torch.from_numpy(self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
         return window[:, :-1], window[:, 1:]

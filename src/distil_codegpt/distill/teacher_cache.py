@@ -73,12 +73,6 @@ def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return top, ids, tail
 
 
-def window_tokens(shard: TokenShard, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y), int64 [B, T]: inputs and next tokens of the given windows, cut as `sequential_batches` cuts them."""
-    chunk = shard.tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # (B, T+1)
-    return torch.from_numpy(chunk[:, :-1].astype(np.int64)), torch.from_numpy(chunk[:, 1:].astype(np.int64))
-
-
 def teacher_fingerprint(teacher: str, config: PretrainedConfig) -> str:
     """First 16 hex of a sha256 over a teacher dir's config.json and weight files, streamed: retrained = different.
 
@@ -207,7 +201,7 @@ def _fill(
             if n_batches == stop_after:
                 raise KeyboardInterrupt
             w = np.arange(first, min(first + batch_size, n_windows))
-            x, _ = window_tokens(shard, w, T)
+            x, _ = shard.grid_windows(w, T)
             with torch.inference_mode():
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = teacher(x.to(device), use_cache=False).logits  # (b, T, V)
@@ -291,7 +285,7 @@ class TeacherCache:
         w = np.asarray(windows, dtype=np.int64)
         if w.ndim != 1 or (w.size and (w.min() < 0 or w.max() >= self.n_windows)):
             raise IndexError(f"windows: expected a 1-d list of indices in [0, {self.n_windows}), got {windows!r}")
-        x, y = window_tokens(shard, w, self.seq_len)
+        x, y = shard.grid_windows(w, self.seq_len)
         return CachedBatch(
             x=x,
             y=y,
