@@ -125,8 +125,8 @@ class Trainer:
 
     With cfg.loss_chunk != 0 (the default) the models stop at their last hidden states and the LM head runs inside
     the loss, chunk by chunk (`head_loss`): no [B, T, V] logits tensor is ever held. cfg.loss_chunk = 0 is the
-    plain path on full logits. With cfg.pad_vocab > 1 the heads are padded in memory (`pad_vocab`) and every loss
-    reads only the first n_vocab logit columns.
+    plain path on full logits. When the heads are padded in memory (`pad_vocab`: cfg.pad_vocab > 1, or 0 on CUDA)
+    every loss reads only the first n_vocab logit columns.
     """
 
     def __init__(
