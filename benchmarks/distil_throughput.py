@@ -41,7 +41,7 @@ from distil_codegpt.config import CacheTeacherConfig, DistilConfig, TrainConfig,
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Trainer, setup_runtime
-from distil_codegpt.model.presets import count_params, gpt2_config
+from distil_codegpt.model.presets import count_params, preset_config
 from distil_codegpt.model.student import copy_weights, pick_layers, student_config
 
 MODES = ("naive", "frozen", "in-training", "cache", "clm")
@@ -50,7 +50,7 @@ MODES = ("naive", "frozen", "in-training", "cache", "clm")
 def models(a: argparse.Namespace) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
     tok = load_tokenizer(a.tokenizer)
     torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(gpt2_config(a.preset, a.vocab or len(tok), layers=a.teacher_layers))
+    teacher = GPT2LMHeadModel(preset_config(a.preset, a.vocab or len(tok), layers=a.teacher_layers))
     student = GPT2LMHeadModel(student_config(teacher.config, a.student_layers))
     copy_weights(teacher, student, pick_layers(a.teacher_layers, a.student_layers))
     return teacher, student

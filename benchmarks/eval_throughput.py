@@ -21,7 +21,7 @@ from transformers import GPT2LMHeadModel
 from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
-from distil_codegpt.model.presets import count_params, gpt2_config, load_model
+from distil_codegpt.model.presets import count_params, preset_config, load_model
 
 
 def naive(model, tok, inputs: list[str], max_new_tokens: int, stops: StopIds) -> list[str]:  # noqa: ANN001
@@ -62,7 +62,7 @@ def main() -> None:
     else:
         tok = load_tokenizer(a.tokenizer)
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(gpt2_config(a.preset or "tiny", len(tok)))
+        model = GPT2LMHeadModel(preset_config(a.preset or "tiny", len(tok)))
     model.to(a.device).eval()
     inputs = [ex.input for ex in read_examples(a.test)[: a.n]]
     stops = StopIds.of(tok)

@@ -34,7 +34,7 @@ from distil_codegpt.compress.quantize import (
 from distil_codegpt.compress.run import run_compress
 from distil_codegpt.config import CompressConfig, ConfigError, TrainConfig, UserError, build_config
 from distil_codegpt.distill.run import run_train
-from distil_codegpt.model.presets import count_params, gpt2_config
+from distil_codegpt.model.presets import count_params, preset_config
 from distil_codegpt.serve.engine import load_engine
 
 LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 2, "eval_every": 0, "warmup_steps": 2, "tensorboard": False}
@@ -55,7 +55,7 @@ def compress(tmp_path: Path, model: Path, name: str = "out", **kw: object) -> di
 
 def random_model(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(gpt2_config("tiny", 300)).eval()
+    return GPT2LMHeadModel(preset_config("tiny", 300)).eval()
 
 
 def ids(n: int = 24, vocab: int = 300) -> torch.Tensor:

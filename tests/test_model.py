@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from distil_codegpt.config import ConfigError, StudentConfig, UserError
-from distil_codegpt.model.presets import PRESETS, count_params, gpt2_config, load_model, model_size_mb
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import PRESETS, count_params, preset_config, load_model, model_size_mb
 from distil_codegpt.model.student import build_student, layer_map, pick_layers
 
 VOCAB = 300
@@ -19,7 +20,7 @@ IDS = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3], [9, 8, 7, 6, 5, 4, 3, 2]])  #
 
 
 def save_tiny(path: Path, layers: int, *, width: int = 64, seed: int = 0, tied: bool = True) -> Path:
-    config = gpt2_config("tiny", VOCAB, layers=layers)
+    config = preset_config("tiny", VOCAB, layers=layers)
     config.n_embd = width
     config.tie_word_embeddings = tied
     torch.manual_seed(seed)
@@ -111,7 +112,7 @@ def test_pick_errors_name_the_field(n, k, pick, match):
 
 
 def test_codegpt_small_preset_is_gpt2_124m():
-    config = gpt2_config("codegpt-small", 50257)
+    config = preset_config("codegpt-small", 50257)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (12, 768, 12, 1024)
     assert config.n_inner is None and config.activation_function == "gelu_new" and config.tie_word_embeddings
     with torch.device("meta"):  # shapes only: no 500 MB allocation
@@ -122,17 +123,28 @@ def test_codegpt_small_preset_is_gpt2_124m():
 
 def test_presets_build_and_run():
     for name in PRESETS:
-        config = gpt2_config(name, 1000, layers=1, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-        assert (config.vocab_size, config.n_layer, config.pad_token_id) == (1000, 1, 2)
-    logits = GPT2LMHeadModel(gpt2_config("tiny", VOCAB)).eval()(IDS).logits
-    assert logits.shape == (2, 8, VOCAB)
+        config = preset_config(name, 1000, layers=1, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        assert (config.vocab_size, families.depth(config), config.pad_token_id) == (1000, 1, 2)
+        assert config.model_type == PRESETS[name]["family"]
+    for name in ("tiny", "tiny-llama", "tiny-qwen2", "tiny-neox"):
+        logits = AutoModelForCausalLM.from_config(preset_config(name, VOCAB)).eval()(IDS).logits
+        assert logits.shape == (2, 8, VOCAB)
+
+
+def test_smollm2_preset_is_smollm2_135m():
+    config = preset_config("smollm2-135m", 49152)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (30, 576, 9)
+    assert (config.num_key_value_heads, config.intermediate_size, families.head_dim(config)) == (3, 1536, 64)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_params(model) == 134_515_008  # SmolLM2-135M, tied head counted once
 
 
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(
         ConfigError, match=r"^model: 'huge' is not a supported preset; choose from tiny, small-cpu"
     ) as e:
-        gpt2_config("huge", 100)
+        preset_config("huge", 100)
     one_line(e)
 
 
@@ -275,7 +287,7 @@ def test_out_must_not_be_the_teacher(teacher):
 def test_models_use_sdpa_attention_equal_to_eager(tmp_path):
     """SDPA (fused attention on CUDA) is what our models run; it computes what the eager attention does."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config("tiny", 300)).eval()
+    model = GPT2LMHeadModel(preset_config("tiny", 300)).eval()
     assert model.config._attn_implementation == "sdpa"
     model.save_pretrained(tmp_path)
     assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"
@@ -289,7 +301,7 @@ def test_pad_vocab_pads_tied_head_and_keeps_logits():
     from distil_codegpt.model.presets import pad_vocab
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config("tiny", 300)).eval()
+    model = GPT2LMHeadModel(preset_config("tiny", 300)).eval()
     x = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         before = model(input_ids=x).logits

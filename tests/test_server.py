@@ -24,7 +24,7 @@ from transformers import GPT2LMHeadModel
 
 from distil_codegpt.config import ServeConfig, build_config
 from distil_codegpt.data.tokenizer import load_tokenizer
-from distil_codegpt.model.presets import gpt2_config
+from distil_codegpt.model.presets import preset_config
 from distil_codegpt.serve.complete import Completer
 from distil_codegpt.serve.engine import Engine, load_engine
 from distil_codegpt.serve.server import create_app
@@ -74,7 +74,7 @@ def model_dir(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path
     """An untrained tiny model: it rambles up to max_tokens in odd code, which is what the server must carry."""
     out = tmp_path_factory.mktemp("serve") / "tiny-model"
     torch.manual_seed(0)
-    GPT2LMHeadModel(gpt2_config("tiny", len(load_tokenizer(tiny_data["tok"])))).save_pretrained(out)
+    GPT2LMHeadModel(preset_config("tiny", len(load_tokenizer(tiny_data["tok"])))).save_pretrained(out)
     for f in tiny_data["tok"].iterdir():
         shutil.copy(f, out / f.name)
     return out

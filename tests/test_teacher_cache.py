@@ -18,7 +18,7 @@ from distil_codegpt.data.shards import TokenShard
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill import teacher_cache
 from distil_codegpt.distill.teacher_cache import TeacherCache, build_cache, top_k_logprobs
-from distil_codegpt.model.presets import gpt2_config
+from distil_codegpt.model.presets import preset_config
 
 BINS = ("train.ids.bin", "train.logp.bin", "train.tail.bin")
 SMALL = {"seq_len": 32, "batch_size": 4, "max_windows": 10, "top_k": 8, "device": "cpu"}  # fp32, the reference
@@ -28,7 +28,7 @@ def save_teacher(tok_dir: Path, out: Path, seed: int, layers: int = 2) -> Path:
     """A tiny random GPT-2 with its tokenizer. A wide init (0.3, GPT-2 uses 0.02) spreads the logits, so the
     top-k holds real mass and near-ties between top ids are rare."""
     tok = load_tokenizer(tok_dir)
-    cfg = gpt2_config("tiny", len(tok), layers=layers)
+    cfg = preset_config("tiny", len(tok), layers=layers)
     cfg.initializer_range = 0.3
     torch.manual_seed(seed)
     GPT2LMHeadModel(cfg).save_pretrained(out)

@@ -16,7 +16,7 @@ from distil_codegpt.config import ConfigError, DistilConfig, StudentConfig, Trai
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_distil, run_train
 from distil_codegpt.distill.trainer import Trainer, lr_factor, setup_runtime
-from distil_codegpt.model.presets import gpt2_config
+from distil_codegpt.model.presets import preset_config
 from distil_codegpt.model.student import build_student
 
 LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 4, "log_every": 1, "warmup_steps": 2, "tensorboard": False}
@@ -24,7 +24,7 @@ LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 4, "log_every": 1, "warm
 
 def tiny_model(tok_dir: Path, layers: int = 2, dropout: float = 0.1, seed: int = 0) -> GPT2LMHeadModel:
     tok = load_tokenizer(tok_dir)
-    cfg = gpt2_config("tiny", len(tok), layers=layers)
+    cfg = preset_config("tiny", len(tok), layers=layers)
     cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = dropout
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg)

@@ -13,7 +13,7 @@ from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainCo
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Runtime, Trainer, setup_runtime
-from distil_codegpt.model.presets import PRESETS, count_params, gpt2_config, load_model, save_model
+from distil_codegpt.model.presets import PRESETS, count_params, preset_config, load_model, save_model
 from distil_codegpt.runinfo import write_manifest
 
 
@@ -65,7 +65,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(tok_dir)
     if cfg.model in PRESETS:
         torch.manual_seed(cfg.seed)
-        config = gpt2_config(
+        config = preset_config(
             cfg.model,
             len(tokenizer),
             layers=cfg.layers or None,

@@ -1,8 +1,9 @@
-"""Model shapes as data, and loading of any GPT-2-family checkpoint.
+"""Model shapes as data, and loading of any supported checkpoint (families.py lists the families).
 
-Presets follow litgpt: a registry of plain dicts, with everything derived from them (the full
-`GPT2Config`, the checks) computed in one place, `gpt2_config`. The vocabulary size never lives in a
-preset: it always comes from the tokenizer the model is trained with.
+Presets follow litgpt: a registry of plain dicts, each naming its family and its shape in family-neutral keys
+(layers, width, heads, kv_heads, ffn, context) plus any of the family's own config fields; the full config is
+computed in one place, `preset_config`. The vocabulary size never lives in a preset: it always comes from the
+tokenizer the model is trained with.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from distil_codegpt.config import ConfigError, UserError
+from distil_codegpt.model import families
 
-# GPT-2's own values (https://huggingface.co/openai-community/gpt2/blob/main/config.json), shared by every
-# preset so that a preset only states its shape. n_inner None means 4 * n_embd; the LM head is the input
+# GPT-2's own values (https://huggingface.co/openai-community/gpt2/blob/main/config.json), shared by the GPT-2
+# presets so that a preset only states its shape. n_inner None means 4 * n_embd; the LM head is the input
 # embedding matrix (tied), as in GPT-2 and CodeGPT.
 GPT2_DEFAULTS: dict[str, Any] = {
     "n_inner": None,
@@ -32,15 +34,58 @@ GPT2_DEFAULTS: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs on CPU: seconds per step, nothing to learn from the numbers
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256},
+    "tiny": {"family": "gpt2", "layers": 2, "width": 64, "heads": 2, "context": 256, **GPT2_DEFAULTS},
     # the study's CPU demo: CodeGPT-small's depth (12 layers, so the same layer picks apply), 1/6 of its width
-    "small-cpu": {"n_layer": 12, "n_embd": 128, "n_head": 4, "n_positions": 512},
+    "small-cpu": {"family": "gpt2", "layers": 12, "width": 128, "heads": 4, "context": 512, **GPT2_DEFAULTS},
     # microsoft/CodeGPT-small-py = GPT-2 124M (https://huggingface.co/microsoft/CodeGPT-small-py/blob/main/config.json)
-    "codegpt-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
+    "codegpt-small": {"family": "gpt2", "layers": 12, "width": 768, "heads": 12, "context": 1024, **GPT2_DEFAULTS},
+    # the other families at test size: grouped KV heads (2 per 4 query heads) where the family has them
+    "tiny-llama": {
+        "family": "llama",
+        "layers": 2,
+        "width": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "ffn": 128,
+        "context": 256,
+        "tie_word_embeddings": True,
+    },
+    "tiny-qwen2": {
+        "family": "qwen2",
+        "layers": 2,
+        "width": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "ffn": 128,
+        "context": 256,
+        "tie_word_embeddings": True,
+    },
+    "tiny-neox": {
+        "family": "gpt_neox",
+        "layers": 2,
+        "width": 64,
+        "heads": 4,
+        "ffn": 128,
+        "context": 256,
+        "tie_word_embeddings": False,
+    },
+    # SmolLM2-135M's shape (https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json)
+    "smollm2-135m": {
+        "family": "llama",
+        "layers": 30,
+        "width": 576,
+        "heads": 9,
+        "kv_heads": 3,
+        "ffn": 1536,
+        "context": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
 }
 
 
-def gpt2_config(
+def preset_config(
     preset: str,
     vocab_size: int,
     *,
@@ -48,31 +93,24 @@ def gpt2_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-) -> GPT2Config:
+) -> PretrainedConfig:
     """The full config of a preset for a given tokenizer; `layers` overrides the depth.
 
     Special token ids default to None rather than GPT-2's 50256, which lies outside a small tokenizer's vocabulary.
     """
     if preset not in PRESETS:
         raise ConfigError(f"model: {preset!r} is not a supported preset; choose from {', '.join(PRESETS)}")
-    shape = {**PRESETS[preset]}
+    shape = {k: v for k, v in PRESETS[preset].items() if k != "family"}
     if layers is not None:
         if layers < 1:
             raise ConfigError(f"layers: {layers!r} is not allowed; use 1 or more")
-        shape["n_layer"] = layers
+        shape["layers"] = layers
     if vocab_size < 1:
         raise ConfigError(f"vocab_size: {vocab_size!r} is not allowed; use the tokenizer's vocabulary size")
-    if shape["n_embd"] % shape["n_head"]:
-        heads = f"n_embd {shape['n_embd']} not divisible by n_head {shape['n_head']}"
-        raise ConfigError(f"model: preset {preset!r} has {heads}; fix the preset")
-    return GPT2Config(
-        **GPT2_DEFAULTS,
-        **shape,
-        vocab_size=vocab_size,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    if shape["width"] % shape["heads"] or shape["heads"] % shape.get("kv_heads", shape["heads"]):
+        raise ConfigError(f"model: preset {preset!r} has width, heads and kv_heads that do not divide; fix the preset")
+    specials = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return families.model_config(PRESETS[preset]["family"], vocab_size, shape, **specials)
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -80,45 +118,54 @@ def looks_local(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "~", "."))
 
 
-def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> GPT2LMHeadModel:
-    """Load a GPT-2-family causal LM from a local directory or a hub id (e.g. microsoft/CodeGPT-small-py).
+def resolve_model(name_or_path: str, *, role: str = "model") -> str:
+    """A model argument as `from_pretrained` takes it: a `.gguf` file is imported (once, cached by its hash)."""
+    if name_or_path.lower().endswith(".gguf"):
+        from distil_codegpt.model.gguf import cached_import
 
-    Only model_type gpt2 is accepted: the student machinery copies GPT-2 blocks by name. `role` is the config
-    field the errors name (teacher, init_from...). Extra keywords go to `from_pretrained` (e.g. dtype; note
-    that transformers 5 keeps a checkpoint's stored dtype unless told otherwise).
-    """
+        return str(cached_import(name_or_path, role=role))
+    return name_or_path
+
+
+def model_type_of(name_or_path: str, *, role: str = "model") -> str | None:
+    """The checkpoint's model_type, read from its config.json (a local dir) or the hub; one line when neither works."""
     if looks_local(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise UserError(
-                f"{role}: {name_or_path!r}: no such directory; pass a directory written by `distil-codegpt train` "
-                "or a hub id"
+                f"{role}: {name_or_path!r}: no such directory; pass a model directory (`distil-codegpt train`, "
+                "`import`, `fetch-teacher`), a .gguf file or a hub id"
             )
         if not (path / "config.json").is_file():
             raise UserError(
                 f"{role}: {name_or_path!r}: not a model directory (no config.json); pass a directory written by "
-                "`distil-codegpt train` or a hub id"
+                "`distil-codegpt train` or `import`, a .gguf file or a hub id"
             )
         try:
-            model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError) as e:
+            return json.loads((path / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
             raise UserError(f"{role}: {str(path / 'config.json')!r} is not a JSON object ({e}); fix or remove it")
-        source = str(path)
-    else:
-        try:
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(
-                f"{role}: {name_or_path!r} is not a local directory and the Hugging Face hub could not serve it "
-                f"({first}); pass a model directory or a reachable hub id"
-            ) from e
-        source = name_or_path
-    if model_type != "gpt2":
-        raise ConfigError(
-            f"{role}: {name_or_path!r} is a {model_type!r} model; pass a GPT-2-family checkpoint (model_type gpt2), "
-            "whose blocks the student can copy"
-        )
+    try:
+        return AutoConfig.from_pretrained(name_or_path).model_type
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{role}: {name_or_path!r} is not a local directory and the Hugging Face hub could not serve it "
+            f"({first}); pass a model directory, a .gguf file or a reachable hub id"
+        ) from e
+
+
+def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrainedModel:
+    """Load a causal LM of a supported family from a local directory, a .gguf file or a hub id
+    (e.g. microsoft/CodeGPT-small-py, HuggingFaceTB/SmolLM2-135M).
+
+    Any other family stops with one line naming the supported ones: the student machinery copies blocks by the
+    layout families.py knows. `role` is the config field the errors name (teacher, init_from...). Extra keywords
+    go to `from_pretrained` (e.g. dtype; note that transformers 5 keeps a checkpoint's stored dtype unless told
+    otherwise).
+    """
+    source = resolve_model(name_or_path, role=role)
+    families.family_name(model_type_of(source, role=role), what=f"{role} {name_or_path!r}")
     return AutoModelForCausalLM.from_pretrained(source, **kw)
 
 
@@ -132,7 +179,7 @@ def model_size_mb(model: torch.nn.Module) -> float:
     return count_params(model) * 4 / 1e6
 
 
-def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> int:
+def pad_vocab(model: PreTrainedModel, multiple: int) -> int:
     """Pad the (tied) embedding / LM-head matrix with zero rows to a multiple of `multiple`, in place.
 
     A vocabulary such as GPT-2's 50,257 makes the head matmul, the largest of a small model, fall off the
@@ -158,11 +205,11 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> int:
     return min(rows, model.config.vocab_size)
 
 
-def save_model(model: GPT2LMHeadModel, out: str | Path, n_vocab: int | None = None) -> None:
+def save_model(model: PreTrainedModel, out: str | Path, n_vocab: int | None = None) -> None:
     """`save_pretrained` (safetensors), first trimming a head padded by `pad_vocab` back to `n_vocab` rows."""
     state = model.state_dict()
     if n_vocab is not None:
-        for key in ("transformer.wte.weight", "lm_head.weight"):
+        for key in {families.embedding_key(model), families.head_key(model)}:
             if key in state and state[key].size(0) > n_vocab:
                 state[key] = state[key][:n_vocab]
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
