@@ -256,14 +256,6 @@ def test_dir_without_config(tmp_path):
     one_line(e)
 
 
-def test_non_gpt2_model_is_refused(tmp_path):
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match=r"^teacher: '.*bert' is a 'bert' model; pass a GPT-2-family checkpoint") as e:
-        student(tmp_path / "bert", tmp_path / "s")
-    one_line(e)
-
-
 def test_more_layers_than_the_teacher(teacher, tmp_path):
     with pytest.raises(ConfigError, match=r"^layers: 13 is more than the 12 layers of the teacher") as e:
         student(teacher, tmp_path / "s", layers=13, pick="uniform")

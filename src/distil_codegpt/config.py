@@ -123,14 +123,27 @@ class PrepareConfig:
         _require(self.out, "out", "pass --out DIR")
 
 
+NAMED_PICKS = ("uniform", "first", "last", "influence", "angular")
+
+
 @dataclass
 class StudentConfig:
     """Build a student's initial weights from a teacher: k of its layers, or another model's, or random."""
 
-    teacher: str = opt("", "teacher: HF model dir or hub id (GPT-2 family)", required=True)
+    teacher: str = opt(
+        "", "teacher: HF model dir, .gguf file or hub id (gpt2, llama, qwen2, gpt_neox...)", required=True
+    )
     out: str = opt("", "output directory for the student (HF model dir)", required=True)
     layers: int = opt(6, "number of transformer layers of the student")
-    pick: str = opt("uniform", "which teacher layers: uniform | first | last | a list like 0,2,4,7,9,11")
+    pick: str = opt(
+        "uniform",
+        "which teacher layers: uniform | first | last | influence (ShortGPT block influence) | angular (drop the "
+        "closest run of blocks, Gromov et al.) | a list like 0,2,4,7,9,11; influence and angular need --data",
+    )
+    data: str = opt("", "corpus directory whose dev windows score the blocks for --pick influence|angular")
+    tokenizer: str = opt("", "tokenizer for --data (default: the teacher's own)")
+    pick_windows: int = opt(16, "dev windows the influence/angular scores average over")
+    pick_seq_len: int = opt(256, "tokens per scoring window")
     init_from: str = opt(
         "", "start from this pretrained model's weights instead (the 'Pretrained-Weights' variant)", aliases=["--from"]
     )
@@ -142,12 +155,14 @@ class StudentConfig:
         _require(self.out, "out", "pass --out DIR")
         _check(self.layers >= 1, "layers", self.layers, "use 1 or more")
         _check(
-            self.pick in ("uniform", "first", "last") or bool(re.fullmatch(r"\d+(,\d+)*", self.pick)),
+            self.pick in NAMED_PICKS or bool(re.fullmatch(r"\d+(,\d+)*", self.pick)),
             "pick",
             self.pick,
-            "use uniform, first, last or comma-separated layer indices like 0,2,4",
+            "use uniform, first, last, influence, angular or comma-separated layer indices like 0,2,4",
         )
-        if self.pick not in ("uniform", "first", "last"):
+        for name in ("pick_windows", "pick_seq_len"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        if self.pick not in NAMED_PICKS:
             idx = [int(i) for i in self.pick.split(",")]
             _check(len(idx) == self.layers, "pick", self.pick, f"list exactly --layers {self.layers} indices")
             _check(len(set(idx)) == len(idx), "pick", self.pick, "list each teacher layer at most once")

@@ -1,9 +1,11 @@
 """A student's starting weights: k of the teacher's layers (default), another pretrained model's, or random.
 
-The student is a plain GPT-2 with fewer blocks. Copying follows nanoGPT's `from_pretrained`: every student
-tensor is taken from a named tensor of the source model and must have exactly its shape, or we stop.
-What was done is written into the student's config.json (attributes `distil_*`, kept by GPT2Config as extra
-keys), so the student directory says where it came from and stays loadable with no code of ours.
+The student is the teacher's own architecture (any family of families.py) with fewer blocks. Copying follows
+nanoGPT's `from_pretrained`: every student tensor is taken from a named tensor of the source model and must have
+exactly its shape, or we stop. What was done is written into the student's config.json (attributes `distil_*`,
+kept by transformers' configs as extra keys), so the student directory says where it came from and stays loadable
+with no code of ours. Which blocks: fixed rules (uniform, first, last, a list) or scores measured on dev windows
+(influence, angular: layer_scores.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from distil_codegpt.config import ConfigError, StudentConfig, to_dict
-from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb
+from distil_codegpt.config import ConfigError, StudentConfig, UserError, to_dict
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb, resolve_model
 from distil_codegpt.runinfo import write_manifest
 
 TOKENIZER_FILES = (
@@ -28,9 +32,10 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
 )
 
-_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+DATA_PICKS = ("influence", "angular")  # picks measured on dev windows of the teacher
 
 
 def pick_layers(n_teacher: int, k: int, pick: str = "uniform", *, source: str = "teacher") -> list[int]:
@@ -41,6 +46,7 @@ def pick_layers(n_teacher: int, k: int, pick: str = "uniform", *, source: str = 
         hurts least (Sajjad et al. 2020), and block 0 sees the embeddings it was trained on.
     first / last: the bottom / top k blocks.
     "0,2,4": these blocks, each once, ascending (reordering blocks breaks the residual stream's progression).
+    influence / angular need the teacher's activations: `data_pick`.
     """
     if k < 1:
         raise ConfigError(f"layers: {k!r} is not allowed; use 1 or more")
@@ -56,7 +62,9 @@ def pick_layers(n_teacher: int, k: int, pick: str = "uniform", *, source: str = 
     if pick == "last":
         return list(range(n_teacher - k, n_teacher))
     if not re.fullmatch(r"\d+(,\d+)*", pick):
-        raise ConfigError(f"pick: {pick!r} is not allowed; use uniform, first, last or indices like 0,2,4")
+        raise ConfigError(
+            f"pick: {pick!r} is not allowed; use uniform, first, last, influence, angular or indices like 0,2,4"
+        )
     idx = [int(i) for i in pick.split(",")]
     if len(idx) != k:
         raise ConfigError(f"pick: {pick!r} lists {len(idx)} layers; list exactly --layers {k} indices")
@@ -74,30 +82,46 @@ def layer_map(model: PreTrainedModel | PretrainedConfig) -> list[int] | None:
     return list(found) if found else None
 
 
-def student_config(source: PretrainedConfig, layers: int) -> GPT2Config:
-    """The source's config with `layers` blocks; stale `distil_*` keys of a source that was itself a student go."""
-    values = {k: v for k, v in source.to_dict().items() if not k.startswith("distil_")}
-    values["n_layer"] = layers
-    return GPT2Config.from_dict(values)
-
-
-def copy_weights(source: GPT2LMHeadModel, student: GPT2LMHeadModel, picked: list[int]) -> None:
+def copy_weights(source: PreTrainedModel, student: PreTrainedModel, picked: list[int]) -> None:
     """Copy embeddings, final norm, LM head and block picked[i] -> student block i, checking every shape.
 
-    Works whether or not the LM head is tied: a tied head appears in both state dicts as the same tensor
-    as wte (transformer.wte.weight, (vocab, n_embd)), so it is simply written twice with the same values.
+    Works whether or not the LM head is tied: a tied head appears in both state dicts as the same tensor as the
+    input embedding, so it is simply written twice with the same values.
     """
     src = source.state_dict()
+    block = re.compile(rf"^{re.escape(families.block_prefix(student))}(\d+)\.")
+    prefix = families.block_prefix(source)
     with torch.no_grad():
         for key, tensor in student.state_dict().items():
-            block = _BLOCK.match(key)
-            src_key = f"transformer.h.{picked[int(block[1])]}.{key[block.end() :]}" if block else key
+            found = block.match(key)
+            src_key = f"{prefix}{picked[int(found[1])]}.{key[found.end() :]}" if found else key
             if src_key not in src:
                 raise RuntimeError(f"student tensor {key} has no source tensor {src_key}; the models are not alike")
             if src[src_key].shape != tensor.shape:
                 shapes = f"{tuple(tensor.shape)} vs {tuple(src[src_key].shape)}"
                 raise RuntimeError(f"shape mismatch: student {key} vs source {src_key}: {shapes}")
             tensor.copy_(src[src_key])
+
+
+def data_pick(cfg: StudentConfig, model: PreTrainedModel) -> tuple[list[int], list[float]]:
+    """(picked blocks, their scores) for --pick influence|angular, from --pick-windows dev windows of --data."""
+    from distil_codegpt.data.shards import TokenShard, ensure_shards
+
+    if not cfg.data:
+        raise ConfigError(f"pick: {cfg.pick} scores the teacher's blocks on code; pass --data DIR (a corpus)")
+    tok_dir = cfg.tokenizer or (resolve_model(cfg.teacher, role="teacher") if looks_local(cfg.teacher) else "")
+    if not tok_dir:
+        raise ConfigError(f"tokenizer: missing for --pick {cfg.pick} with a hub teacher; pass --tokenizer DIR")
+    dev = TokenShard(ensure_shards(cfg.data, tok_dir, ("dev",)), "dev")
+    seq_len = min(cfg.pick_seq_len, families.context(model), len(dev) - 1)
+    if seq_len < 2:
+        raise UserError(f"data: {cfg.data}'s dev split has {len(dev)} tokens; too few to score layers on")
+    rng = np.random.default_rng(cfg.seed)
+    batches = [dev.random_batch(min(4, cfg.pick_windows - i), seq_len, rng)[0] for i in range(0, cfg.pick_windows, 4)]
+    from distil_codegpt.model.layer_scores import angular_pick, influence_pick
+
+    fn = influence_pick if cfg.pick == "influence" else angular_pick
+    return fn(model, batches, cfg.layers)
 
 
 def copy_tokenizer(teacher: str, out: Path) -> list[str]:
@@ -134,11 +158,15 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
         source = load_model(cfg.init_from, role="init_from", dtype=torch.float32)
         _check_same_width(teacher.config, source.config, cfg.init_from)
 
-    picked = None
+    picked, scores = None, None
     if init != "random":
         label = "teacher" if init == "teacher" else "init_from model"
-        picked = pick_layers(source.config.n_layer, cfg.layers, cfg.pick, source=label)
-    config = student_config(source.config, cfg.layers)
+        if cfg.pick in DATA_PICKS:
+            pick_layers(families.depth(source), cfg.layers, "first", source=label)  # the depth check and its error
+            picked, scores = data_pick(cfg, source)
+        else:
+            picked = pick_layers(families.depth(source), cfg.layers, cfg.pick, source=label)
+    config = families.with_depth(source.config, picked or list(range(cfg.layers)))
     config.distil_init = init
     config.distil_teacher = cfg.teacher
     config.distil_init_from = cfg.init_from or None
@@ -146,23 +174,28 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
     config.distil_layer_map = picked if init == "teacher" else None
     # the layers taken from whichever model the weights came from (the teacher or init_from)
     config.distil_source_layers = picked
+    config.distil_pick = cfg.pick if init != "random" else None
+    config.distil_pick_scores = scores  # influence: BI per block; angular: distance per start of the dropped run
 
     torch.manual_seed(cfg.seed)
-    student = GPT2LMHeadModel(config)
+    student = AutoModelForCausalLM.from_config(config)
     if picked is not None:
         copy_weights(source, student, picked)
 
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out, safe_serialization=True)
-    tokenizer_files = copy_tokenizer(cfg.teacher, out)
+    tokenizer_files = copy_tokenizer(resolve_model(cfg.teacher, role="teacher"), out)
     summary: dict[str, Any] = {
         "init": init,
         "layers": cfg.layers,
         "layer_map": config.distil_layer_map,
         "source_layers": picked,
+        "pick": config.distil_pick,
+        "pick_scores": scores,
         "params": count_params(student),
         "size_mb": round(model_size_mb(student), 3),
-        "teacher_layers": teacher.config.n_layer,
+        "teacher_layers": families.depth(teacher),
+        "family": families.family(teacher).name,
         "teacher_params": count_params(teacher),
         "tokenizer_files": tokenizer_files,
     }
@@ -172,8 +205,9 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
 
 def _check_same_width(teacher: PretrainedConfig, other: PretrainedConfig, name: str) -> None:
     """Distillation compares logits token by token and hidden states position by position: both must line up."""
-    if (other.vocab_size, other.n_embd) != (teacher.vocab_size, teacher.n_embd):
+    ours, theirs = (other.vocab_size, families.width(other)), (teacher.vocab_size, families.width(teacher))
+    if ours != theirs:
         raise ConfigError(
-            f"init_from: {name!r} has vocab {other.vocab_size} and width {other.n_embd}, the teacher has vocab "
-            f"{teacher.vocab_size} and width {teacher.n_embd}; pass a model with the teacher's tokenizer and width"
+            f"init_from: {name!r} has vocab {ours[0]} and width {ours[1]}, the teacher has vocab {theirs[0]} and "
+            f"width {theirs[1]}; pass a model with the teacher's tokenizer and width"
         )
