@@ -7,6 +7,7 @@ import torch
 
 from distil_codegpt.distill import losses
 from distil_codegpt.distill.losses import (
+    DIVERGENCES,
     IGNORE_INDEX,
     LossWeights,
     clm_loss,
@@ -39,16 +40,41 @@ def _softmax(row: list[float]) -> list[float]:
     return [math.exp(x) / z for x in row]
 
 
-def test_kd_equals_hand_kl_times_t_squared(case: dict) -> None:
+def _kl(a: list[float], b: list[float]) -> float:
+    return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
+
+
+def _hand_divergence(p: list[float], q: list[float], divergence: str) -> float:
+    """The three divergences, written out: p the teacher's distribution, q the student's."""
+    if divergence == "forward":
+        return _kl(p, q)
+    if divergence == "reverse":
+        return _kl(q, p)
+    m = [0.5 * x + 0.5 * y for x, y in zip(p, q)]  # TRL's generalised JSD at beta = 0.5
+    return 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_equals_hand_divergence_times_t_squared(case: dict, divergence: str) -> None:
     T = 2.0
-    kls = []
+    per_token = []
     for b, t in _unmasked(case["labels"]):
-        p_s = _softmax([x / T for x in case["student"][b, t].tolist()])
-        p_t = _softmax([x / T for x in case["teacher"][b, t].tolist()])
-        kls.append(sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s)))
-    expected = sum(kls) / len(kls) * T**2
-    got = kd_loss(case["student"], case["teacher"], case["labels"], temperature=T)
+        q = _softmax([x / T for x in case["student"][b, t].tolist()])
+        p = _softmax([x / T for x in case["teacher"][b, t].tolist()])
+        per_token.append(_hand_divergence(p, q, divergence))
+    expected = sum(per_token) / len(per_token) * T**2
+    got = kd_loss(case["student"], case["teacher"], case["labels"], temperature=T, divergence=divergence)
     assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_divergences_differ_and_jsd_is_symmetric(case: dict) -> None:
+    s, t, y = case["student"], case["teacher"], case["labels"]
+    value = {d: kd_loss(s, t, y, 2.0, d).item() for d in DIVERGENCES}
+    assert abs(value["reverse"] - value["forward"]) > 0.01 * value["forward"]
+    assert abs(value["jsd"] - value["forward"]) > 0.1 * value["forward"]
+    assert kd_loss(s, t, y, 2.0, "reverse").item() == pytest.approx(kd_loss(t, s, y, 2.0, "forward").item())
+    assert kd_loss(t, s, y, 2.0, "jsd").item() == pytest.approx(value["jsd"], rel=1e-6)
+    assert 0 < value["jsd"] <= math.log(2) * 2.0**2
 
 
 def test_clm_equals_hand_cross_entropy(case: dict) -> None:
@@ -106,12 +132,14 @@ def test_masked_position_changes_no_term(case: dict) -> None:
     assert all_terms(case) == before
 
 
-def test_all_masked_gives_zero_and_backward_works(case: dict) -> None:
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_masked_gives_zero_and_backward_works(case: dict, divergence: str) -> None:
     labels = torch.full_like(case["labels"], IGNORE_INDEX)
     student = case["student"].requires_grad_()
     h_s = case["h_s"].requires_grad_()
     for loss in (
-        kd_loss(student, case["teacher"], labels, 2.0),
+        kd_loss(student, case["teacher"], labels, 2.0, divergence),
+        losses.sparse_kd_loss(student, _sparse_from(case["teacher"], k=2), labels, 2.0, divergence),
         clm_loss(student, labels),
         mse_loss(student, case["teacher"], labels),
         cosine_loss(h_s, case["h_t"], labels),
@@ -134,17 +162,21 @@ def test_kd_gradient_is_t_times_ps_minus_pt_over_n(case: dict) -> None:
     assert teacher.grad is None  # soft targets are constants
 
 
-def test_kd_passes_gradcheck_in_float64(case: dict) -> None:
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_passes_gradcheck_in_float64(case: dict, divergence: str) -> None:
     student = case["student"].double().requires_grad_()
     teacher = case["teacher"].double()
-    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher, case["labels"], 3.0), (student,))
+    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher, case["labels"], 3.0, divergence), (student,))
 
 
-def test_low_precision_inputs_are_upcast_and_minus_inf_teacher_logits_give_no_nan(case: dict) -> None:
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_low_precision_inputs_are_upcast_and_minus_inf_teacher_logits_give_no_nan(case: dict, divergence) -> None:
     teacher = case["teacher"].clone()
     teacher[..., 0] = float("-inf")  # a token the teacher rules out: p_t = 0, KL term 0 * log 0 = 0
-    loss = kd_loss(case["student"].bfloat16(), teacher.bfloat16(), case["labels"], 2.0)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    student = case["student"].bfloat16().requires_grad_()
+    loss = kd_loss(student, teacher.bfloat16(), case["labels"], 2.0, divergence)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(student.grad).all()
 
 
 def test_distillation_loss_is_the_weighted_sum_of_its_parts(case: dict) -> None:
@@ -183,6 +215,8 @@ def test_alpha_cos_without_hidden_states_says_how_to_fix(case: dict) -> None:
         (lambda c: cosine_loss([c["h_s"]], [], c["labels"]), "1 student and 0 teacher hidden states"),
         (lambda c: kd_loss(c["student"], c["teacher"][..., :3], c["labels"], 2.0), "student vocab 4 != teacher vocab"),
         (lambda c: kd_loss(c["student"], c["teacher"], c["labels"], 0.0), "temperature must be > 0"),
+        (lambda c: kd_loss(c["student"], c["teacher"], c["labels"], 2.0, "kl"), "divergence must be one of forward"),
+        (lambda c: LossWeights(divergence="js"), "divergence must be one of forward, reverse, jsd, got 'js'"),
         (lambda c: mse_loss(c["student"], c["teacher"], c["labels"][:, :2]), r"does not match labels \(2, 2\)"),
         (lambda c: LossWeights(alpha_clm=-1.0), "alpha_clm must be >= 0"),
         (lambda c: LossWeights(0.0, 0.0, 0.0, 0.0), "all loss weights are 0"),
@@ -227,11 +261,12 @@ def _head_case(seed: int = 0, vocab: int = 13, width: int = 8, pad: int = 0) -> 
     }
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 @pytest.mark.parametrize("pad", [0, 51])
-def test_head_loss_equals_plain_loss_values_and_gradients(chunk: int, pad: int) -> None:
+def test_head_loss_equals_plain_loss_values_and_gradients(chunk: int, pad: int, divergence: str) -> None:
     c = _head_case(pad=pad)
-    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, alpha_mse=0.3, temperature=2.0)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, alpha_mse=0.3, temperature=2.0, divergence=divergence)
     nv = c["vocab"]
     plain, plain_parts = distillation_loss(
         (c["h"] @ c["w"].T)[..., :nv], (c["h_t"] @ c["w_t"].T)[..., :nv], c["labels"], w
@@ -295,8 +330,9 @@ def _sparse_from(teacher_logits: torch.Tensor, k: int) -> losses.SparseTargets:
     return losses.SparseTargets(top.indices, top.values.float(), tail.float())
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_sparse_kd_equals_hand_computed_bucket_kl(temperature: float) -> None:
+def test_sparse_kd_equals_hand_computed_bucket_divergence(temperature: float, divergence: str) -> None:
     g = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(1, 2, 6, generator=g), torch.randn(1, 2, 6, generator=g)
     labels = torch.tensor([[1, 2]])
@@ -312,34 +348,39 @@ def test_sparse_kd_equals_hand_computed_bucket_kl(temperature: float) -> None:
         pb = [x / sum(a) for x in a]
         q = _softmax([x / temperature for x in student[0, t].tolist()])
         qb = [q[i] for i in top] + [sum(q[i] for i in rest)]
-        expected.append(sum(x * (math.log(x) - math.log(y)) for x, y in zip(pb, qb)))
-    got = losses.sparse_kd_loss(student, sparse, labels, temperature)
+        expected.append(_hand_divergence(pb, qb, divergence))
+    got = losses.sparse_kd_loss(student, sparse, labels, temperature, divergence)
     assert got.item() == pytest.approx(sum(expected) / 2 * temperature**2, rel=1e-4)
 
 
-def test_sparse_kd_with_the_whole_vocabulary_is_the_full_kl(case: dict) -> None:
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sparse_kd_with_the_whole_vocabulary_is_the_full_divergence(case: dict, divergence: str) -> None:
     sparse = _sparse_from(case["teacher"], k=4)
-    full = kd_loss(case["student"], case["teacher"], case["labels"], temperature=2.0)
-    assert losses.sparse_kd_loss(case["student"], sparse, case["labels"], 2.0).item() == pytest.approx(
+    full = kd_loss(case["student"], case["teacher"], case["labels"], 2.0, divergence)
+    assert losses.sparse_kd_loss(case["student"], sparse, case["labels"], 2.0, divergence).item() == pytest.approx(
         full.item(), rel=1e-5
     )
 
 
-def test_sparse_kd_at_t1_is_at_most_the_full_kl_and_close_for_a_peaked_teacher() -> None:
+@pytest.mark.parametrize(("divergence", "close"), [("forward", 0.8), ("reverse", 0.6), ("jsd", 0.8)])
+def test_sparse_kd_at_t1_is_at_most_the_full_divergence(divergence: str, close: float) -> None:
+    """Merging outcomes never raises a divergence; with a peaked teacher the buckets keep most of it."""
     g = torch.Generator().manual_seed(4)
     student, teacher = torch.randn(2, 8, 50, generator=g), 4 * torch.randn(2, 8, 50, generator=g)
     labels = torch.zeros(2, 8, dtype=torch.long)
-    full = kd_loss(student, teacher, labels, temperature=1.0).item()
-    bucketed = losses.sparse_kd_loss(student, _sparse_from(teacher, k=16), labels, 1.0).item()
-    assert bucketed <= full + 1e-6 and bucketed > 0.8 * full
+    full = kd_loss(student, teacher, labels, 1.0, divergence).item()
+    bucketed = losses.sparse_kd_loss(student, _sparse_from(teacher, k=16), labels, 1.0, divergence).item()
+    assert bucketed <= full + 1e-6 and bucketed > close * full
 
 
-def test_sparse_head_loss_equals_plain_sparse_loss_values_and_gradients() -> None:
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sparse_head_loss_equals_plain_sparse_loss_values_and_gradients(divergence: str) -> None:
     c = _head_case(seed=5)
     sparse = _sparse_from(c["h_t"] @ c["w_t"].T, k=5)
-    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, temperature=2.0)
+    w = LossWeights(alpha_ce=5.0, alpha_clm=2.0, alpha_cos=0.0, temperature=2.0, divergence=divergence)
     logits = c["h"] @ c["w"].T
-    plain = 5.0 * losses.sparse_kd_loss(logits, sparse, c["labels"], 2.0) + 2.0 * clm_loss(logits, c["labels"])
+    kd = losses.sparse_kd_loss(logits, sparse, c["labels"], 2.0, divergence)
+    plain = 5.0 * kd + 2.0 * clm_loss(logits, c["labels"])
     lean, _ = losses.head_loss(c["h"], c["w"], c["labels"], w, sparse=sparse, chunk=3)
     assert lean.item() == pytest.approx(plain.item(), rel=1e-6)
     for a, b in zip(torch.autograd.grad(plain, [c["h"], c["w"]]), torch.autograd.grad(lean, [c["h"], c["w"]])):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 from distil_codegpt.cli import main
 from distil_codegpt.config import CacheTeacherConfig, ConfigError, UserError, build_config
@@ -24,14 +24,14 @@ BINS = ("train.ids.bin", "train.logp.bin", "train.tail.bin")
 SMALL = {"seq_len": 32, "batch_size": 4, "max_windows": 10, "top_k": 8, "device": "cpu"}  # fp32, the reference
 
 
-def save_teacher(tok_dir: Path, out: Path, seed: int, layers: int = 2) -> Path:
-    """A tiny random GPT-2 with its tokenizer. A wide init (0.3, GPT-2 uses 0.02) spreads the logits, so the
-    top-k holds real mass and near-ties between top ids are rare."""
+def save_teacher(tok_dir: Path, out: Path, seed: int, layers: int = 2, preset: str = "tiny") -> Path:
+    """A tiny random model (GPT-2 unless `preset` says otherwise) with its tokenizer. A wide init (0.3, GPT-2 uses
+    0.02) spreads the logits, so the top-k holds real mass and near-ties between top ids are rare."""
     tok = load_tokenizer(tok_dir)
-    cfg = preset_config("tiny", len(tok), layers=layers)
+    cfg = preset_config(preset, len(tok), layers=layers)
     cfg.initializer_range = 0.3
     torch.manual_seed(seed)
-    GPT2LMHeadModel(cfg).save_pretrained(out)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -78,7 +78,7 @@ def test_cached_rows_equal_the_teachers_top_k(tiny_data: dict, teacher: Path, bu
     assert (b.ids.dtype, b.logp.dtype, b.tail.dtype) == (torch.int64, torch.float32, torch.float32)
     assert (b.ids.shape, b.logp.shape, b.tail.shape) == ((4, T, k), (4, T, k), (4, T))
 
-    model = GPT2LMHeadModel.from_pretrained(teacher).eval()
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     assert cache.header["teacher_params"] == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         ref = torch.log_softmax(model(b.x).logits.float(), dim=-1)  # (B, T, V)
@@ -96,6 +96,18 @@ def test_cached_rows_equal_the_teachers_top_k(tiny_data: dict, teacher: Path, bu
     tail_ref = torch.log(1 - ref_top[..., :k].double().exp().sum(-1))
     torch.testing.assert_close(b.tail.double(), tail_ref, atol=1e-5, rtol=0)
     assert (tail_ref < -0.05).all()  # the top-k leave real mass out: the tail is not trivially ~0
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-neox"])
+def test_a_cache_of_another_family_holds_its_teachers_top_k(tiny_data: dict, tmp_path: Path, preset: str) -> None:
+    teacher = save_teacher(tiny_data["tok"], tmp_path / "teacher", seed=0, preset=preset)
+    cache_dir = tmp_path / "c"
+    build_cache(cache_cfg(tiny_data, teacher, cache_dir, max_windows=3))
+    b = TeacherCache(cache_dir).batch([2, 0], TokenShard(tiny_data["shards"], "train"))
+    with torch.no_grad():
+        ref = torch.log_softmax(AutoModelForCausalLM.from_pretrained(teacher)(b.x).logits.float(), dim=-1)
+    torch.testing.assert_close(ref.gather(-1, b.ids), ref.topk(8, dim=-1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.logp, ref.gather(-1, b.ids), rtol=2**-11, atol=1e-6)
 
 
 def test_bytes_per_token_and_file_sizes(built: Path) -> None:

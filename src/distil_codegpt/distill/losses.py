@@ -1,6 +1,17 @@
 """Knowledge-distillation losses for causal-LM students (the DistilBERT / DistilGPT2 recipe).
 
-    loss = alpha_ce * KL(teacher_T || student_T) * T^2 + alpha_clm * CE + alpha_cos * (1 - cos) + alpha_mse * MSE
+    loss = alpha_ce * D(p_T, q_T) * T^2 + alpha_clm * CE + alpha_cos * (1 - cos) + alpha_mse * MSE
+
+D is the KD divergence (`divergence`) between the teacher's distribution p = p_T and the student's q = q_T, both
+softmaxes at temperature T, named as in torchtune (ForwardKLLoss, ReverseKLLoss) and TRL (GKD):
+
+    forward  KL(p || q) = sum_i p_i (log p_i - log q_i)   Hinton's KD, mean-seeking: q must cover all of p's mass
+    reverse  KL(q || p)                                   MiniLLM, mode-seeking: q may drop p's small modes
+    jsd      beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,  beta = 0.5 (`JSD_BETA`)
+             TRL's GKD generalised Jensen-Shannon divergence; at beta = 0.5 symmetric in p and q, and at most log 2
+
+Outcomes of probability 0 under the first distribution of a KL add 0 (0 log 0 = 0). Reverse KL is infinite where the
+teacher gives probability 0 to a token the student does not (a teacher logit of -inf); forward KL and jsd stay finite.
 
 Every term is averaged over the tokens whose label is not ``IGNORE_INDEX``, so padding and masked positions
 count nowhere. All terms go through one helper, :func:`_unmasked_rows`, which flattens ``[B, T, D]`` to the
@@ -13,31 +24,36 @@ Two ways to the same numbers. The plain functions (`kd_loss`, `clm_loss`, ..., `
 the full logits: it walks the tokens in chunks, and for each chunk computes the logits, the loss terms and their
 gradient at once (the chunk's logits are freed before the next one), like fused "linear + cross-entropy" kernels.
 Its values and gradients equal the plain ones (tests compare them); at a 50k vocabulary it is what makes a batch
-of 16 x 1024 tokens fit. The per-row formulas (`_kd_rows`, `_ce_rows`, ...) are shared by both ways.
+of 16 x 1024 tokens fit. The per-row formulas (`_kd_rows`, `_ce_rows`, ...) are shared by both ways, and every
+divergence is one formula on log-probabilities (`_divergence_rows`) for full vocabularies and buckets alike.
 
 Offline KD (`SparseTargets`, from a teacher cache) knows only the teacher's top-k log-probs and the log of the
-remaining tail mass. Its KL is taken over k + 1 buckets, the k tokens and "any other token":
+remaining tail mass. Its divergence is taken over k + 1 buckets, the k tokens and "any other token", e.g.
 
     KL_k = sum_{i in top-k + tail} p_i (log p_i - log q_i)
 
-where q_tail is the student's probability of all non-top-k tokens. At T = 1 the teacher's buckets are exact; at
-T != 1 each top-k log-prob is divided by T and the tail mass is assumed spread evenly over the V - k other tokens
-(each (tail / (V - k))^(1/T) before renormalising over the k + 1 buckets). KL_k <= the full KL (merging outcomes
-never raises a divergence), and its gradient pushes the student's top-k probabilities to the teacher's and its
-tail mass, as a whole, to the teacher's.
+where q_tail is the student's probability of all non-top-k tokens; reverse and jsd are taken over the same buckets.
+At T = 1 the teacher's buckets are exact; at T != 1 each top-k log-prob is divided by T and the tail mass is assumed
+spread evenly over the V - k other tokens (each (tail / (V - k))^(1/T) before renormalising over the k + 1 buckets).
+At T = 1, D_k <= the full D for all three divergences (merging outcomes never raises an f-divergence), and the
+gradient pushes the student's top-k probabilities to the teacher's and its tail mass, as a whole, to the teacher's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
+Divergence = Literal["forward", "reverse", "jsd"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+JSD_BETA = 0.5  # TRL's GKD default: the symmetric Jensen-Shannon divergence
 
 
 def _unmasked_rows(labels: Tensor, *tensors: Tensor) -> list[Tensor]:
@@ -73,11 +89,17 @@ def _token_mean(per_token: Tensor) -> Tensor:
     return per_token.sum() / max(per_token.numel(), 1)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 2.0) -> Tensor:
-    """KL(p_teacher || p_student) on temperature-softened distributions, times T^2 (Hinton et al., 2015).
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float = 2.0,
+    divergence: Divergence = "forward",
+) -> Tensor:
+    """A divergence between temperature-softened teacher and student distributions, times T^2 (Hinton et al., 2015).
 
-    The T^2 factor keeps the gradient scale (T * (p_s - p_t) / N per logit) comparable to the CE term's
-    as T changes, so alpha_ce need not be retuned with T. The teacher is detached: its soft targets are
+    The T^2 factor keeps the gradient scale (for forward KL, T * (p_s - p_t) / N per logit) comparable to the CE
+    term's as T changes, so alpha_ce need not be retuned with T. The teacher is detached: its soft targets are
     constants for the student, even when the teacher trains in the same step.
 
     Args:
@@ -85,27 +107,53 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temp
         teacher_logits (Tensor): ``[B, T, V]``, same vocabulary as the student.
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for positions that must not count.
         temperature (float): T > 0; higher T exposes more of the teacher's ranking of wrong tokens.
+        divergence (str): forward KL(p || q), reverse KL(q || p) or jsd (definitions in the module docstring).
 
     Returns:
-        Tensor: scalar, KL summed over V, averaged over unmasked tokens, times T^2; 0 if all are masked.
+        Tensor: scalar, the divergence over V, averaged over unmasked tokens, times T^2; 0 if all are masked.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}: use 1.0 for plain KL, 2.0 as in DistilBERT")
+    _check_kd(temperature, divergence)
     if student_logits.size(-1) != teacher_logits.size(-1):
         raise ValueError(
             f"student vocab {student_logits.size(-1)} != teacher vocab {teacher_logits.size(-1)}: "
             "distil with the teacher's tokenizer, or set alpha_ce=0 and alpha_mse=0"
         )
     student, teacher = _unmasked_rows(labels, student_logits, teacher_logits.detach())
-    return _token_mean(_kd_rows(student, teacher, temperature))
+    return _token_mean(_kd_rows(student, teacher, temperature, divergence))
 
 
-def _kd_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``[N, V]`` fp32 logits of both -> ``[N]`` KL(p_teacher || p_student) at temperature T, times T^2."""
-    log_p_s = F.log_softmax(student / temperature, dim=-1)
-    p_t = F.softmax(teacher / temperature, dim=-1)
-    # kl_div uses xlogy, so teacher probabilities of exactly 0 (e.g. -inf logits) give 0, not NaN.
-    return F.kl_div(log_p_s, p_t, reduction="none").sum(-1) * temperature**2
+def _check_kd(temperature: float, divergence: str) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}: use 1.0 for plain KL, 2.0 as in DistilBERT")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+
+
+def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``[N, C]`` log-probs -> ``[N]`` KL(a || b). Outcomes with a = 0 add 0, and 0 to the gradient, instead of
+    0 * (-inf) = NaN: the difference is masked before the product, so no NaN reaches backward either."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str) -> Tensor:
+    """``[N, C]`` log-probs of the teacher (p) and the student (q) over C outcomes -> ``[N]`` divergences.
+
+    The one formula behind every KD term: C is the vocabulary (online KD) or the k + 1 buckets (teacher cache).
+    """
+    if divergence == "forward":
+        return _kl_rows(log_p, log_q)
+    if divergence == "reverse":
+        return _kl_rows(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(JSD_BETA), log_q + math.log(1 - JSD_BETA))
+    return JSD_BETA * _kl_rows(log_p, log_m) + (1 - JSD_BETA) * _kl_rows(log_q, log_m)
+
+
+def _kd_rows(student: Tensor, teacher: Tensor, temperature: float, divergence: str) -> Tensor:
+    """``[N, V]`` fp32 logits of both -> ``[N]`` divergence at temperature T, times T^2."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    return _divergence_rows(log_p, log_q, divergence) * temperature**2
 
 
 @dataclass
@@ -120,28 +168,36 @@ class SparseTargets:
     """``[B, T]`` log(1 - sum of the top-k probabilities); -inf when k covers the whole vocabulary."""
 
 
-def sparse_kd_loss(student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float = 2.0) -> Tensor:
-    """KL over the teacher's top-k tokens plus one tail bucket, times T^2 (the formula is in the module docstring).
+def sparse_kd_loss(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    labels: Tensor,
+    temperature: float = 2.0,
+    divergence: Divergence = "forward",
+) -> Tensor:
+    """A divergence over the teacher's top-k tokens plus one tail bucket, times T^2 (see the module docstring).
 
     Args:
         student_logits (Tensor): ``[B, T, V]``; V is the real vocabulary (the tail spreads over V - k tokens).
         targets (SparseTargets): the teacher's cached top-k, ``[B, T, k]``, and tail ``[B, T]``.
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for positions that must not count.
         temperature (float): T > 0.
+        divergence (str): forward, reverse or jsd, over the k + 1 buckets.
 
     Returns:
         Tensor: scalar, averaged over unmasked tokens; 0 if all are masked.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}: use 1.0 for plain KL, 2.0 as in DistilBERT")
+    _check_kd(temperature, divergence)
     student, ids, logp, tail = _unmasked_rows(
         labels, student_logits, targets.ids, targets.logp, targets.tail.unsqueeze(-1)
     )
-    return _token_mean(_sparse_kd_rows(student, ids, logp, tail.squeeze(1), temperature))
+    return _token_mean(_sparse_kd_rows(student, ids, logp, tail.squeeze(1), temperature, divergence))
 
 
-def _sparse_kd_rows(student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, temperature: float) -> Tensor:
-    """``[N, V]`` student logits, ``[N, k]`` teacher ids and log-probs, ``[N]`` log tail mass -> ``[N]`` KL_k * T^2."""
+def _sparse_kd_rows(
+    student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, temperature: float, divergence: str
+) -> Tensor:
+    """``[N, V]`` student logits, ``[N, k]`` teacher ids and log-probs, ``[N]`` log tail mass -> ``[N]`` D_k * T^2."""
     vocab, k = student.size(-1), ids.size(-1)
     if k > vocab or (ids.numel() and int(ids.max()) >= vocab):
         raise ValueError(
@@ -160,10 +216,7 @@ def _sparse_kd_rows(student: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, te
         log_p_tail = (rest + (tail.float() - rest) / t).unsqueeze(-1)  # tempered mass of an even tail
         log_p = torch.cat([log_p_top, log_p_tail], -1).log_softmax(-1)  # [N, k + 1], renormalised
         log_qb = torch.cat([log_q_top, log_q_tail], -1)
-    p = log_p.exp()
-    # A teacher bucket of probability 0 (an empty tail) adds 0, not 0 * (-inf - log q) = NaN.
-    per_bucket = torch.where(p > 0, p * (log_p - log_qb), torch.zeros_like(p))
-    return per_bucket.sum(-1) * t**2
+    return _divergence_rows(log_p, log_qb, divergence) * t**2
 
 
 def clm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -250,10 +303,11 @@ def _mse_rows(student: Tensor, teacher: Tensor) -> Tensor:
 
 @dataclass
 class LossWeights:
-    """Weights of the distillation terms; a weight of 0 switches its term off (it is not computed)."""
+    """Weights of the distillation terms (a weight of 0 switches its term off: it is not computed), and the KD
+    term's temperature and divergence."""
 
     alpha_ce: float = 5.0
-    """KL to the teacher's softened distribution (DistilBERT: 5.0)."""
+    """The KD divergence to the teacher's softened distribution (DistilBERT: 5.0, on forward KL)."""
     alpha_clm: float = 2.0
     """Cross-entropy on the true next tokens (DistilBERT's MLM weight: 2.0)."""
     alpha_cos: float = 1.0
@@ -261,14 +315,15 @@ class LossWeights:
     alpha_mse: float = 0.0
     """MSE on logits; off by default, as in DistilBERT."""
     temperature: float = 2.0
-    """Softmax temperature for the KL term."""
+    """Softmax temperature for the KD term."""
+    divergence: Divergence = "forward"
+    """KD divergence: forward KL(p || q), reverse KL(q || p) or jsd (module docstring)."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}: use 0 to switch a term off")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}: use 1.0 for plain KL")
+        for name in ("alpha_ce", "alpha_clm", "alpha_cos", "alpha_mse"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}: use 0 to switch a term off")
+        _check_kd(self.temperature, self.divergence)
         if not any((self.alpha_ce, self.alpha_clm, self.alpha_cos, self.alpha_mse)):
             raise ValueError("all loss weights are 0: set at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse")
 
@@ -290,7 +345,7 @@ def distillation_loss(
         student_logits (Tensor): ``[B, T, V]``, aligned with ``labels`` (position t predicts token t + 1).
         teacher_logits (Tensor): ``[B, T, V]``; treated as constants.
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for padding / masked positions.
-        weights (LossWeights): alphas and temperature.
+        weights (LossWeights): alphas, temperature and KD divergence.
         student_hidden (Tensor | Sequence[Tensor] | None): ``[B, T, H]`` (or a list); needed iff alpha_cos > 0.
         teacher_hidden (Tensor | Sequence[Tensor] | None): same structure as ``student_hidden``.
 
@@ -300,7 +355,8 @@ def distillation_loss(
     """
     terms: dict[str, tuple[float, Tensor]] = {}
     if weights.alpha_ce > 0:
-        terms["kd"] = (weights.alpha_ce, kd_loss(student_logits, teacher_logits, labels, weights.temperature))
+        kd = kd_loss(student_logits, teacher_logits, labels, weights.temperature, weights.divergence)
+        terms["kd"] = (weights.alpha_ce, kd)
     if weights.alpha_clm > 0:
         terms["clm"] = (weights.alpha_clm, clm_loss(student_logits, labels))
     if weights.alpha_cos > 0:
@@ -400,7 +456,7 @@ def head_loss(
         hidden (Tensor): ``[B, T, H]`` the student's last hidden states (after the final layer norm).
         head (Tensor): ``[V', H]`` the student's LM-head matrix (tied to the embeddings in GPT-2).
         labels (Tensor): ``[B, T]`` next-token ids, ``IGNORE_INDEX`` where a position must not count.
-        weights (LossWeights): alphas and temperature; alpha_cos is not used here.
+        weights (LossWeights): alphas, temperature and divergence; alpha_cos is not used here.
         n_vocab (int | None): the real vocabulary; logit columns from n_vocab on (padding rows of a head padded
             for speed) are left out of every softmax. None = all V' columns.
         teacher_hidden (Tensor | None): ``[B, T, H_t]`` the teacher's last hidden states (online KD or MSE).
@@ -450,9 +506,11 @@ def head_loss(
             elif name == "mse":
                 terms.append(_mse_rows(z, t_logits))
             elif sparse is not None:
-                terms.append(_sparse_kd_rows(z, ids[rows], logp[rows], tail[rows], weights.temperature))
+                terms.append(
+                    _sparse_kd_rows(z, ids[rows], logp[rows], tail[rows], weights.temperature, weights.divergence)
+                )
             else:
-                terms.append(_kd_rows(z, t_logits, weights.temperature))
+                terms.append(_kd_rows(z, t_logits, weights.temperature, weights.divergence))
         sums = torch.stack([t.sum() for t in terms])  # [n_terms]
         return (sums * alphas.to(sums.device)).sum() / n, sums.detach()
 
@@ -481,7 +539,7 @@ def lean_distillation_loss(
             ``output_hidden_states``); the last one (after the final norm) feeds the head.
         student_head (Tensor): ``[V', H]`` the student's LM-head matrix.
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for padding / masked positions.
-        weights (LossWeights): alphas and temperature.
+        weights (LossWeights): alphas, temperature and KD divergence.
         n_vocab (int | None): real vocabulary size when the heads are padded.
         teacher_out (Sequence[Tensor] | None): the teacher's hidden states (online KD); treated as constants.
         teacher_head (Tensor | None): ``[V'', H_t]`` the teacher's LM-head matrix.

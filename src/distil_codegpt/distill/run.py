@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainConfig, to_dict
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Runtime, Trainer, setup_runtime
-from distil_codegpt.model.presets import PRESETS, count_params, preset_config, load_model, save_model
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import PRESETS, count_params, load_model, preset_config, save_model
 from distil_codegpt.runinfo import write_manifest
 
 
@@ -39,11 +41,11 @@ def _shards(cfg: LoopConfig, rt: Runtime, tok_dir: str) -> Path:
 
 
 def _check_model(model: torch.nn.Module, name: str, n_vocab: int, seq_len: int) -> None:
-    c = model.config
-    if c.vocab_size < n_vocab:
-        raise ConfigError(f"{name}: vocabulary {c.vocab_size} is smaller than the tokenizer's {n_vocab}; retrain it")
-    if seq_len > c.n_positions:
-        raise ConfigError(f"seq_len: {seq_len} exceeds {name}'s context of {c.n_positions}; use at most that")
+    vocab, context = model.config.vocab_size, families.context(model)
+    if vocab < n_vocab:
+        raise ConfigError(f"{name}: vocabulary {vocab} is smaller than the tokenizer's {n_vocab}; retrain it")
+    if seq_len > context:
+        raise ConfigError(f"seq_len: {seq_len} exceeds {name}'s context of {context}; use at most that")
 
 
 def _saver(model: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
@@ -73,9 +75,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        from transformers import GPT2LMHeadModel
-
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(config)
     else:
         model = load_model(cfg.model)
     _check_model(model, "model", len(tokenizer), cfg.seq_len)
@@ -106,10 +106,11 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
                 f"student: vocabulary {sv} differs from the teacher's {tv}; build the student from this teacher"
                 " (`distil-codegpt student --teacher ...`) so both share one tokenizer"
             )
-        if cfg.alpha_cos > 0 and teacher.config.n_embd != student.config.n_embd:
+        sw, tw = families.width(student), families.width(teacher)
+        if cfg.alpha_cos > 0 and tw != sw:
             raise ConfigError(
-                f"alpha_cos: {cfg.alpha_cos} needs equal widths, but student is {student.config.n_embd} wide and"
-                f" teacher {teacher.config.n_embd}; use --alpha-cos 0"
+                f"alpha_cos: {cfg.alpha_cos} needs equal widths, but student is {sw} wide and teacher {tw};"
+                " use --alpha-cos 0"
             )
     rt = setup_runtime(cfg)
     tok_dir = _tokenizer_dir(cfg, cfg.student, cfg.teacher)

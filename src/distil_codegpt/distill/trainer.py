@@ -38,6 +38,7 @@ from distil_codegpt.distill.losses import (
     head_loss,
     lean_distillation_loss,
 )
+from distil_codegpt.model.families import tied_head
 from distil_codegpt.model.presets import pad_vocab
 from distil_codegpt.runtime import autocast_dtype, pick_device
 
@@ -87,11 +88,12 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cfg: LoopConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms or embeddings)."""
+    """AdamW with weight decay on matrices only (not biases, norms or embeddings, whatever the family names them)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -106,6 +108,13 @@ def loss_chunk(setting: int, vocab: int) -> int:
     if setting >= 0:
         return setting
     return max(32, min(4096, (16 << 20) // (4 * vocab)))
+
+
+def pad_multiple(setting: int, device: torch.device, model: torch.nn.Module) -> int:
+    """Rows the LM head is padded to a multiple of: `setting`, or for 0 (auto) 64 on CUDA, for the GPU's matmul
+    tiles, and 1 (none) on the CPU, where padding measured no faster (docs/PERFORMANCE.md). Auto leaves an untied
+    head (Pythia) alone: `pad_vocab` pads only a head tied to the embeddings."""
+    return setting or (64 if device.type == "cuda" and tied_head(model) else 1)
 
 
 def batch_split(cfg: LoopConfig, world: int) -> tuple[int, int]:
@@ -149,14 +158,14 @@ class Trainer:
             raise ConfigError("teacher_cache: give either a teacher or a teacher cache, not both")
         self.teacher_trains = self.kd and cfg.teacher_mode == "train"
         self.weights = (
-            LossWeights(cfg.alpha_ce, cfg.alpha_clm, cfg.alpha_cos, cfg.alpha_mse, cfg.temperature) if self.kd else None
+            LossWeights(cfg.alpha_ce, cfg.alpha_clm, cfg.alpha_cos, cfg.alpha_mse, cfg.temperature, cfg.divergence)
+            if self.kd
+            else None
         )
-        # 0 = auto: pad for the GPU's matmul tiles; on the CPU padding measured no faster (docs/PERFORMANCE.md)
-        multiple = cfg.pad_vocab or (64 if rt.device.type == "cuda" else 1)
-        self.n_vocab = pad_vocab(student, multiple)
-        self.chunk = loss_chunk(cfg.loss_chunk, student.lm_head.weight.size(0))
+        self.n_vocab = pad_vocab(student, pad_multiple(cfg.pad_vocab, rt.device, student))
+        self.chunk = loss_chunk(cfg.loss_chunk, self._head(student).size(0))
         if teacher is not None:
-            pad_vocab(teacher, multiple)
+            pad_vocab(teacher, pad_multiple(cfg.pad_vocab, rt.device, teacher))
         self.student = student.to(rt.device).train()
         self.teacher = teacher.to(rt.device) if teacher is not None else None
         if self.teacher is not None:
@@ -176,6 +185,11 @@ class Trainer:
         # fp16 needs loss scaling (one scaler per optimizer); with fp32/bf16 the scalers pass everything through.
         self.scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
         self.t_scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
+
+    @staticmethod
+    def _head(model: torch.nn.Module) -> torch.Tensor:
+        """The LM-head matrix ``[V', H]``, whatever the family calls it (lm_head, embed_out...)."""
+        return model.get_output_embeddings().weight
 
     def _wrap(self, model: torch.nn.Module | None) -> torch.nn.Module | None:
         if model is None:
@@ -214,12 +228,12 @@ class Trainer:
         if lean:
             loss, parts = lean_distillation_loss(
                 s_out.hidden_states,
-                self.student.lm_head.weight,
+                self._head(self.student),
                 y,
                 self.weights,
                 n_vocab=nv,
                 teacher_out=t_out.hidden_states if t_out is not None else None,
-                teacher_head=self.teacher.lm_head.weight if self.teacher is not None else None,
+                teacher_head=self._head(self.teacher) if self.teacher is not None else None,
                 sparse=sparse,
                 student_hidden=s_hidden,
                 teacher_hidden=t_hidden,
@@ -238,12 +252,13 @@ class Trainer:
     def _clm(self, model: torch.nn.Module, out: Any, y: torch.Tensor) -> torch.Tensor:
         """Causal-LM loss of a forward output from `_run` (model: the unwrapped one, for its head)."""
         if self.chunk:
-            hidden, head = out.hidden_states[-1], model.lm_head.weight
+            hidden, head = out.hidden_states[-1], self._head(model)
             return head_loss(hidden, head, y, CLM_ONLY, n_vocab=self.n_vocab, chunk=self.chunk)[0]
         return clm_loss(out.logits[..., : self.n_vocab], y)
 
     def _hidden_pairs(self, s_out: Any, t_out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Student/teacher hidden states to match: the last (after ln_f), or every student layer's mapped one."""
+        """Student/teacher hidden states to match: the last (after the final norm), or every student layer's mapped
+        one."""
         s_hs, t_hs = s_out.hidden_states, t_out.hidden_states  # each (n_layer + 1) x (B, T, H)
         if self.cfg.cos_layers == "last":
             return [s_hs[-1]], [t_hs[-1].detach()]
