@@ -105,6 +105,7 @@ def _needs_space(a: str, b: str, brackets: list[str], unary: bool) -> bool:
 def format_line(tokens: list[str], brackets: list[str] | None = None) -> str:
     """Join one physical line's (denormalised) tokens; `brackets` carries the open brackets across lines."""
     brackets = [] if brackets is None else brackets
+    tokens = [t for t in tokens if t]  # a literal the model left empty (`<STR_LIT>` on its own) writes nothing
     out = ""
     for i, tok in enumerate(tokens):
         if i:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distil_codegpt.config import ConfigError, TokenizerConfig, UserError
 from distil_codegpt.data.formats import corpus_format, read_documents
@@ -180,16 +180,49 @@ def tokenizer_meta(path: str | Path) -> dict | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
+DOC_SEPARATOR = "<|endoftext|>"  # GPT-2's, and what SmolLM, StarCoder and Qwen2 put between pretraining documents
+
+
+def raw_framing(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a raw document, as the model saw documents in training.
+
+    - Our tokenizers (and CodeXGLUE-style ones): `<s>` ... `</s>`.
+    - A tokenizer that adds a bos itself (Llama 2/3 style): bos ... eos.
+    - Otherwise, a real model's tokenizer whose pretraining joined documents with `<|endoftext|>` (GPT-2, SmolLM2,
+      StarCoder, Qwen2): that separator in front and nothing after, so that a file is read after the separator as in
+      pretraining, and chat tokens such as SmolLM2-Instruct's bos `<|im_start|>` never reach code.
+    - Nothing known: the eos in front, if any.
+    """
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if tok.bos_token == BOS and tok.eos_token == EOS:
+        return [bos], [eos]
+    if bos is not None and tok("x", add_special_tokens=True)["input_ids"][:1] == [bos]:
+        return [bos], [eos] if eos is not None else []
+    sep = tok.convert_tokens_to_ids(DOC_SEPARATOR) if DOC_SEPARATOR in tok.get_vocab() else None
+    if sep is not None:
+        return [sep], []
+    return ([eos] if eos is not None else []), []
+
+
+def end_ids(tok: PreTrainedTokenizerBase) -> set[int]:
+    """Ids that end a document for this tokenizer: its eos and the document separator (a completion stops there)."""
+    ids = {i for i in (tok.eos_token_id,) if i is not None}
+    if DOC_SEPARATOR in tok.get_vocab():
+        ids.add(tok.convert_tokens_to_ids(DOC_SEPARATOR))
+    return ids | set(raw_framing(tok)[1])
+
+
 def encode_documents(tok: PreTrainedTokenizerFast, docs: list[str], fmt: str) -> list[list[int]]:
-    """Ids of whole documents, each starting with bos and ending with eos, encoded in parallel by the Rust backend.
+    """Ids of whole documents encoded in parallel by the Rust backend, each framed as in training.
 
     A codexglue document carries `<s>`/`</s>` in its text (added only where missing, as CodeXGLUE's loader does);
-    a raw document is source text and gets the two ids around it.
+    a raw document is source text and gets `raw_framing`'s ids around it.
     """
     bos, eos = tok.bos_token_id, tok.eos_token_id
     encodings = tok.backend_tokenizer.encode_batch_fast(docs, add_special_tokens=False)
     if fmt == "raw":
-        return [[bos, *e.ids, eos] for e in encodings]
+        before, after = raw_framing(tok)
+        return [[*before, *e.ids, *after] for e in encodings]
     out = []
     for e in encodings:
         ids = e.ids

@@ -29,6 +29,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.cache_utils import Cache, DynamicCache
 
 from distil_codegpt.config import ConfigError
+from distil_codegpt.data.tokenizer import end_ids, raw_framing
 
 BOS_TEXT = "<s>"
 EOL_TEXT = "<EOL>"
@@ -43,6 +44,7 @@ class StopIds:
     newline: frozenset[int]  # raw mode: tokens whose text holds a line break
     eos: int | None
     pad: int
+    ends: frozenset[int] = frozenset()  # every end-of-document id (eos, `<|endoftext|>`): also ends a completion
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase) -> StopIds:
@@ -56,7 +58,7 @@ class StopIds:
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         if pad is None:
             raise ConfigError("tokenizer: has neither a pad nor an eos token; save it with one (e.g. <pad>)")
-        return cls(eol, newline, eos, pad)
+        return cls(eol, newline, eos, pad, frozenset(end_ids(tok)))
 
     @property
     def fill(self) -> int:
@@ -65,7 +67,7 @@ class StopIds:
         return self.eos if self.eos is not None else self.pad
 
     def for_mode(self, raw: bool) -> list[int]:
-        ids = set(self.newline if raw else self.eol)
+        ids = set(self.newline if raw else self.eol) | self.ends
         if self.eos is not None:
             ids.add(self.eos)
         return sorted(ids)
@@ -82,7 +84,7 @@ def encode_inputs(tok: PreTrainedTokenizerBase, inputs: list[str], max_len: int)
     out = []
     for text, ids in zip(inputs, encoded):
         if is_raw(text):
-            ids = [tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids
+            ids = [*raw_framing(tok)[0], *ids]
         out.append(ids[-max_len:])
     return out
 
@@ -92,7 +94,7 @@ def finish(tok: PreTrainedTokenizerBase, new_ids: list[int], raw: bool, stops: S
     stop_set = stops.newline if raw else stops.eol
     keep = new_ids
     for k, i in enumerate(new_ids):
-        if i == stops.eos or i in stop_set:
+        if i == stops.eos or i in stops.ends or i in stop_set:
             # a raw newline token may carry code before its line break (`):\n`): keep it, cut the text below
             keep = new_ids[: k + 1] if raw and i in stop_set else new_ids[:k]
             break
@@ -105,11 +107,12 @@ def finish(tok: PreTrainedTokenizerBase, new_ids: list[int], raw: bool, stops: S
 
 
 def _context(model: PreTrainedModel) -> int:
-    cfg = model.config
-    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    from distil_codegpt.model import families
+
+    n = families.context(model)
     if not n:
-        raise ConfigError("model: its config states no context length (n_positions); pass a GPT-2-family model")
-    return int(n)
+        raise ConfigError(f"model: its config states no context length ({families.family(model).context}); fix it")
+    return n
 
 
 def complete(

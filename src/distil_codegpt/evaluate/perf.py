@@ -19,6 +19,7 @@ from distil_codegpt.config import UserError
 from distil_codegpt.data.formats import FORMATS, decode_document
 from distil_codegpt.data.tokenizer import encode_documents
 from distil_codegpt.evaluate.completion import StopIds, complete
+from distil_codegpt.model import families
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -102,7 +103,7 @@ def perplexity(
     own tokens 2..T, so a number is comparable between models with the same tokenizer and window only.
     """
     docs, fmt = read_token_file(token_file)
-    context = int(model.config.n_positions)
+    context = families.context(model)
     seq_len = seq_len or context
     if not 2 <= seq_len <= context:
         raise UserError(f"seq_len: {seq_len} is not allowed; use 2 to the model's context of {context}")

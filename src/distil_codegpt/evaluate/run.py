@@ -7,6 +7,7 @@ is greedy or beam search, so the same model and file give the same predictions e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
 from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
-from distil_codegpt.model.presets import looks_local
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import looks_local, resolve_model
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
 from distil_codegpt.serve.engine import engine_kind, load_engine
@@ -54,6 +56,7 @@ def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate cfg.model on cfg.test; write OUT/predictions.txt, OUT/metrics.json, OUT/run.json; return metrics."""
     t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # a .gguf file: imported once, cached
     device, amp = eval_runtime(cfg)
     examples = read_examples(cfg.test)
     if cfg.limit:
@@ -70,7 +73,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
     model = load_for_evaluation(cfg.model)[0].to(device).eval()
     if cfg.context:  # positions a model never trained on (beyond its training seq_len) only add noise
-        model.config.n_positions = min(model.config.n_positions, cfg.context)
+        families.set_context(model, min(families.context(model), cfg.context))
     if len(tok) > model.config.vocab_size:
         raise ConfigError(
             f"model: tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "

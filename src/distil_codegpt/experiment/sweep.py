@@ -198,7 +198,10 @@ class Sweep:
             return self.cfg.teacher_layers
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.cfg.teacher_model).n_layer
+        from distil_codegpt.model import families
+        from distil_codegpt.model.presets import resolve_model
+
+        return families.depth(AutoConfig.from_pretrained(resolve_model(self.cfg.teacher_model, role="teacher_model")))
 
     # ------------------------------------------------------------ running
 

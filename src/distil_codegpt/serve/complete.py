@@ -25,7 +25,7 @@ from distil_codegpt.data.normalize import (
     normalize_tokens,
     python_tokens,
 )
-from distil_codegpt.data.tokenizer import tokenizer_meta
+from distil_codegpt.data.tokenizer import raw_framing, tokenizer_meta
 from distil_codegpt.evaluate.completion import StopIds
 from distil_codegpt.serve.engine import Engine
 
@@ -104,9 +104,8 @@ class Completer:
             [[i] for i in range(len(self.tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
         stops = StopIds.of(self.tok)
-        self.stop_ids = set(stops.eol) | ({stops.eos} if stops.eos is not None else set())
-        if self.mode == "raw":
-            self.stop_ids = {stops.eos} if stops.eos is not None else set()
+        ends = set(stops.ends) | ({stops.eos} if stops.eos is not None else set())
+        self.stop_ids = ends if self.mode == "raw" else set(stops.eol) | ends
 
     # ------------------------------------------------------------ prompts
 
@@ -128,6 +127,7 @@ class Completer:
         room = max(self.engine.context - max_tokens, 1)
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         if self.mode == "raw":
+            bos = raw_framing(self.tok)[0]
             m = _TRAILING_NAME.search(code) if scan_end_state(code)[0] == "code" else None
             text, healed, allowed = self._heal(code, m.group(0) if m else "")
             ids = bos + self.tok.encode(text, add_special_tokens=False)
