@@ -1,7 +1,9 @@
-"""The `export` verb: a Hugging Face GPT-2 model in, an artifact for a fast local inference engine out.
+"""The `export` verb: a Hugging Face model in, an artifact for a fast local inference engine out.
 
-CTranslate2 is the engine: it runs GPT-2 with a KV cache in C++ (fp32 or int8 weights on CPU, streaming one
-token at a time), so a student completes code on a laptop without PyTorch in the loop. The artifact holds the
+CTranslate2 is the engine: it runs GPT-2, Llama (SmolLM2), Mistral and Qwen2 models with a KV cache in C++ (fp32
+or int8 weights on CPU, streaming one token at a time), so a student completes code on a laptop without PyTorch in
+the loop. gpt_neox (Pythia) is refused with one line: CTranslate2 4.8's converter reads `config.rotary_pct` and
+`model.embed_out`, which transformers 5 moved (to `rope_parameters` and `lm_head`). The artifact holds the
 converted weights (`model.bin`, `vocabulary.json`), the model's tokenizer, `engine.json` (what `load_engine`
 reads) and `run.json`. ONNX Runtime is registered as an engine name but not built yet.
 """
@@ -22,6 +24,7 @@ import torch
 
 from distil_codegpt.config import ExportConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb
 from distil_codegpt.runinfo import write_manifest
 from distil_codegpt.serve.engine import ENGINE_FILE, Engine, write_engine_spec
@@ -30,6 +33,8 @@ from distil_codegpt.serve.engine import ENGINE_FILE, Engine, write_engine_spec
 # precision and the artifact computes exactly what PyTorch fp32 does
 CT2_QUANTIZATION = {"none": "float32", "int8": "int8"}
 INSTALL = "pip install 'distil-codegpt[ctranslate2]'"
+# the families CTranslate2 4.8's converter turns out exactly under transformers 5 (gpt_neox: module docstring)
+CT2_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def _ctranslate2(field: str) -> ModuleType:
@@ -63,6 +68,12 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out: {out} already exists and is not empty; pass a new --out or remove it")
     model = load_model(cfg.model, role="model", dtype=torch.float32)  # clear errors for a bad dir, and the shape
+    fam = families.family(model).name
+    if fam not in CT2_FAMILIES:
+        raise UserError(
+            f"model: {cfg.model} is a {fam} model, which CTranslate2 cannot convert under transformers 5; export a"
+            f" model of {', '.join(CT2_FAMILIES)}, or run this one as it is or as `compress --quantize int8`"
+        )
     tok = load_tokenizer(cfg.model) if looks_local(cfg.model) else None
     ct2 = _ctranslate2("format")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +85,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             converter.convert(str(tmp), quantization=CT2_QUANTIZATION[cfg.quantize])
         except (ValueError, NotImplementedError, KeyError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"model: CTranslate2 cannot convert {cfg.model} ({first}); export a GPT-2 model") from e
+            raise UserError(
+                f"model: CTranslate2 cannot convert {cfg.model} ({first}); export a model of {', '.join(CT2_FAMILIES)}"
+            ) from e
         if tok is None:
             from transformers import AutoTokenizer
 
@@ -85,7 +98,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "format": "ctranslate2",
             "quantize": cfg.quantize,
             "source": str(Path(cfg.model).resolve()) if looks_local(cfg.model) else cfg.model,
-            "context": int(model.config.n_positions),
+            "context": families.context(model),
             "vocab_size": len(tok),
             "params": count_params(model),
             "source_mb": model_size_mb(model),

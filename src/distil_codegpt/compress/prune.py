@@ -1,13 +1,17 @@
-"""Pruning of GPT-2 models: global magnitude (unstructured) and attention heads (structured), with optional healing.
+"""Pruning of any supported family: global magnitude (unstructured) and attention head units (structured), with
+optional healing. Where the blocks, matrices and heads sit is families.py's business, not this module's.
 
-Transformers 5 dropped `prune_heads` and the `pruned_heads` config field, and its GPT2Attention takes its head
+A head unit is what structured pruning removes at once (families.py): one head, or with grouped KV heads a whole KV
+group (the KV head and the query heads that share it), so `heads:N` counts units.
+
+Transformers 5 dropped `prune_heads` and the `pruned_heads` config field, and its attention modules take their head
 count from the config, the same for every layer, so a model whose layers lost different heads cannot be loaded from
-a directory with smaller matrices. A head-pruned model is therefore saved at full shape with the heads' weights
-zeroed (q, k, v columns and biases, and the c_proj rows they feed: the head contributes exactly 0) and the heads
-listed in config.json as `distil_pruned_heads`; `AutoModelForCausalLM` loads it with no code of ours and computes
-the same function. `apply_pruned_heads` cuts the heads out of the matrices in memory (what our evaluate, complete
-and int8 loaders do), so the smaller model also runs faster. The field is not named `pruned_heads`: transformers 4
-would cut the heads at load time and then refuse the full-shape weights.
+a directory with smaller matrices. A head-pruned model is therefore saved at full shape with the units' weights
+zeroed (their q, k, v rows and biases, and the output-projection inputs they feed: the unit contributes exactly 0)
+and the units listed in config.json as `distil_pruned_heads`; `AutoModelForCausalLM` loads it with no code of ours
+and computes the same function. `apply_pruned_heads` cuts the units out of the matrices in memory (what our
+evaluate, complete and int8 loaders do), so the smaller model also runs faster. The field is not named
+`pruned_heads`: transformers 4 would cut the heads at load time and then refuse the full-shape weights.
 """
 
 from __future__ import annotations
@@ -17,29 +21,32 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from distil_codegpt.config import ConfigError, DistilConfig, UserError, build_config
+from distil_codegpt.model import families
 
-HEADS_KEY = "distil_pruned_heads"  # config.json: {"layer": [head, ...]}
-# The matrices magnitude pruning ranks. Embeddings and layer norms are left alone; so is the LM head, because it is
-# the input embedding (tied): zeroing its small entries would also erase parts of the token embeddings.
-BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+HEADS_KEY = "distil_pruned_heads"  # config.json: {"layer": [unit, ...]}
 
 Masks = dict[str, torch.Tensor]  # parameter name -> 1 where the weight lives, 0 where it was pruned
 
 
-def block_matrices(model: GPT2LMHeadModel) -> dict[str, nn.Parameter]:
-    """The weight matrices of the transformer blocks, by parameter name."""
+def block_matrices(model: PreTrainedModel) -> dict[str, nn.Parameter]:
+    """The weight matrices of the blocks, by parameter name: the scope of magnitude pruning.
+
+    Embeddings and norms are left alone; so is the LM head, which is the input embedding when tied (zeroing its
+    small entries would also erase parts of the token embeddings) and is kept whole when not, for the same scope.
+    """
+    prefix, matrices = families.block_prefix(model), families.family(model).matrices()
     return {
-        f"transformer.h.{i}.{sub}.weight": block.get_submodule(sub).weight
-        for i, block in enumerate(model.transformer.h)
-        for sub in BLOCK_MATRICES
+        f"{prefix}{i}.{name}.weight": families.matrix_weight(block, name)
+        for i, block in enumerate(families.blocks(model))
+        for name in matrices
     }
 
 
 @torch.no_grad()
-def magnitude_prune(model: GPT2LMHeadModel, fraction: float) -> Masks:
+def magnitude_prune(model: PreTrainedModel, fraction: float) -> Masks:
     """Zero exactly round(fraction * N) of the N block weights, the smallest |w| over all blocks together.
 
     Global rather than per matrix: layers differ in how much they can lose. Ties at the threshold are broken by
@@ -63,45 +70,71 @@ def magnitude_prune(model: GPT2LMHeadModel, fraction: float) -> Masks:
     return masks
 
 
-def sparsity(model: GPT2LMHeadModel) -> float:
+def sparsity(model: PreTrainedModel) -> float:
     """Fraction of exact zeros over the block matrices (the scope of magnitude pruning)."""
     mats = block_matrices(model).values()
     return sum(int((w == 0).sum()) for w in mats) / sum(w.numel() for w in mats)
 
 
-def _head_dims(model: GPT2LMHeadModel) -> tuple[int, int, int]:
-    c = model.config
-    return c.n_layer, c.n_head, c.n_embd // c.n_head
+def unit_name(obj: nn.Module | PretrainedConfig) -> str:
+    """What messages call a head unit of this model: "heads", or "KV groups" under grouped-query attention."""
+    return "KV groups" if families.head_units(obj)[1] > 1 else "heads"
+
+
+def _slice(model: PreTrainedModel, units: list[int], module: str) -> tuple[str, str, int, torch.Tensor]:
+    """The weight slice of `module` that the units occupy (families.unit_slices)."""
+    return next(s for s in families.unit_slices(model, units) if s[0] == module and s[1] == "weight")
+
+
+def _value_rows(model: PreTrainedModel, block: nn.Module, unit: int) -> torch.Tensor:
+    """The value-projection weights of one unit, (rows, width), whatever the q/k/v layout."""
+    fam, hd = families.family(model), families.head_dim(model)
+    name, _, dim, idx = _slice(model, [unit], fam.attn_in[-1])  # v_proj, or the fused q/k/v matrix
+    w = families.matrix_weight(block, name).index_select(dim, idx.to(block.get_submodule(name).weight.device))
+    w = w.t() if dim == 1 else w  # Conv1D (in, out) -> (out, in)
+    if fam.fused_qkv == "blocked":  # the unit's rows of [q | k | v]: the last third
+        return w[2 * len(idx) // 3 :]
+    if fam.fused_qkv == "per_head":  # [q_h | k_h | v_h] per head
+        return w.reshape(-1, 3, hd, w.shape[-1])[:, 2].flatten(0, 1)
+    return w
 
 
 @torch.no_grad()
-def head_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """(n_layer, n_head) scores; the lowest are pruned first.
+def head_importance(model: PreTrainedModel, batches: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(layers, units) scores; the lowest are pruned first.
 
-    With batches: the mean L2 norm of each head's contribution to the residual stream (its attention output times
-    its rows of c_proj), which is what removing the head takes away. Without data: the product of the Frobenius
-    norms of the head's value columns and c_proj rows, an upper bound of that contribution's scale.
+    With batches: the mean L2 norm of each unit's contribution to the residual stream (its heads' attention output
+    times their inputs of the output projection), which is what removing the unit takes away. Without data: the
+    product of the Frobenius norms of the unit's value rows and output-projection inputs, a bound of that
+    contribution's scale.
     """
-    n_layer, n_head, hd = _head_dims(model)
-    e = model.config.n_embd
+    fam, n_layer = families.family(model), families.depth(model)
+    n_units, per = families.head_units(model)
     if not batches:
-        scores = torch.zeros(n_layer, n_head)
-        for i, block in enumerate(model.transformer.h):
-            w_v = block.attn.c_attn.weight[:, 2 * e : 3 * e].reshape(e, n_head, hd)  # Conv1D: (in, out)
-            w_o = block.attn.c_proj.weight.reshape(n_head, hd, e)
-            scores[i] = w_v.norm(dim=(0, 2)) * w_o.norm(dim=(1, 2))
+        scores = torch.zeros(n_layer, n_units)
+        for i, block in enumerate(families.blocks(model)):
+            w_o = families.matrix_weight(block, fam.attn_out)
+            for u in range(n_units):
+                _, _, dim, idx = _slice(model, [u], fam.attn_out)
+                o_norm = w_o.index_select(dim, idx.to(w_o.device)).norm()
+                scores[i, u] = float(_value_rows(model, block, u).norm() * o_norm)
         return scores
-    sums, count = torch.zeros(n_layer, n_head), 0
+    sums, count = torch.zeros(n_layer, n_units), 0
+    width = per * families.head_dim(model)  # a unit's share of the concatenated head outputs
 
     def hook(i: int) -> Any:
         def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            heads = args[0].reshape(*args[0].shape[:-1], n_head, hd)  # (B, T, H, hd)
-            contrib = torch.einsum("bthd,hde->bthe", heads, module.weight.reshape(n_head, hd, e))
-            sums[i] += contrib.norm(dim=-1).sum(dim=(0, 1)).cpu()
+            x = args[0].reshape(*args[0].shape[:-1], n_units, width)  # (B, T, units, per * hd)
+            w = module.weight if fam.conv1d else module.weight.t()  # (heads * hd, e)
+            contrib = torch.einsum("btud,ude->btue", x, w.reshape(n_units, width, -1))
+            sums[i] += contrib.norm(dim=-1).sum(dim=(0, 1)).float().cpu()
 
         return pre
 
-    handles = [block.attn.c_proj.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.transformer.h)]
+    handles = [
+        block.get_submodule(fam.attn_out).register_forward_pre_hook(hook(i))
+        for i, block in enumerate(families.blocks(model))
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -116,19 +149,19 @@ def head_importance(model: GPT2LMHeadModel, batches: list[torch.Tensor] | None =
     return sums / count
 
 
-def choose_heads(importance: torch.Tensor, n: int) -> dict[int, list[int]]:
-    """The n least important heads, skipping any that would leave its layer with no head."""
-    n_layer, n_head = importance.shape
-    most = n_layer * (n_head - 1)
+def choose_heads(importance: torch.Tensor, n: int, unit: str = "heads") -> dict[int, list[int]]:
+    """The n least important units, skipping any that would leave its layer with none; `unit` names them."""
+    n_layer, n_unit = importance.shape
+    most = n_layer * (n_unit - 1)
     if n > most:
         raise ConfigError(
-            f"prune: heads:{n} asks for {n} of {n_layer * n_head} heads, but every layer keeps one; use heads:{most}"
+            f"prune: heads:{n} asks for {n} of {n_layer * n_unit} {unit}, but every layer keeps one; use heads:{most}"
             " at most"
         )
     chosen: dict[int, list[int]] = {}
     for flat in torch.argsort(importance.flatten(), stable=True).tolist():
-        layer, head = divmod(flat, n_head)
-        if len(chosen.get(layer, [])) < n_head - 1:
+        layer, head = divmod(flat, n_unit)
+        if len(chosen.get(layer, [])) < n_unit - 1:
             chosen.setdefault(layer, []).append(head)
             n -= 1
         if n == 0:
@@ -136,62 +169,59 @@ def choose_heads(importance: torch.Tensor, n: int) -> dict[int, list[int]]:
     return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
 
 
-def _head_columns(heads: list[int], hd: int) -> torch.Tensor:
-    return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
+def pruned_units(model: nn.Module | PretrainedConfig) -> dict[int, list[int]]:
+    """The units recorded in the config: layer -> sorted units."""
+    recorded = getattr(getattr(model, "config", model), HEADS_KEY, None) or {}
+    return {int(k): sorted(v) for k, v in sorted(recorded.items(), key=lambda kv: int(kv[0]))}
 
 
 @torch.no_grad()
-def mask_heads(model: GPT2LMHeadModel, heads: dict[int, list[int]]) -> Masks:
-    """Zero the given heads at full shape and record them in the config; refuses to empty a layer."""
-    n_layer, n_head, hd = _head_dims(model)
-    e = model.config.n_embd
-    recorded = {int(k): set(v) for k, v in (getattr(model.config, HEADS_KEY, None) or {}).items()}
-    masks: Masks = {}
-    for layer, hs in heads.items():
-        if not 0 <= layer < n_layer or any(not 0 <= h < n_head for h in hs):
-            raise ConfigError(f"prune: head {layer}:{hs} is outside {n_layer} layers x {n_head} heads; pick within")
-        recorded[layer] = recorded.get(layer, set()) | set(hs)
-        if len(recorded[layer]) >= n_head:
-            raise ConfigError(f"prune: layer {layer} would lose all its {n_head} heads; keep at least one per layer")
-        attn, cols = model.transformer.h[layer].attn, _head_columns(sorted(hs), hd)
-        qkv = torch.cat([cols + s * e for s in range(3)])
-        attn.c_attn.weight[:, qkv] = 0.0
-        attn.c_attn.bias[qkv] = 0.0
-        attn.c_proj.weight[cols, :] = 0.0
-        for name, p in (("c_attn.weight", attn.c_attn.weight), ("c_attn.bias", attn.c_attn.bias)):
-            masks[f"transformer.h.{layer}.attn.{name}"] = (p != 0).to(p.dtype)
-        masks[f"transformer.h.{layer}.attn.c_proj.weight"] = (attn.c_proj.weight != 0).to(attn.c_proj.weight.dtype)
+def mask_heads(model: PreTrainedModel, heads: dict[int, list[int]]) -> Masks:
+    """Zero the given units at full shape and record them in the config; refuses to empty a layer.
+
+    The masks cover every recorded unit, those of an earlier pruning too, so that healing revives none of them.
+    """
+    n_layer, (n_unit, _), word = families.depth(model), families.head_units(model), unit_name(model)
+    recorded = {k: set(v) for k, v in pruned_units(model).items()}
+    for layer, units in heads.items():
+        if not 0 <= layer < n_layer or any(not 0 <= u < n_unit for u in units):
+            raise ConfigError(
+                f"prune: {word} {layer}:{units} is outside {n_layer} layers x {n_unit} {word}; pick within"
+            )
+        recorded[layer] = recorded.get(layer, set()) | set(units)
+        if len(recorded[layer]) >= n_unit:
+            raise ConfigError(f"prune: layer {layer} would lose all its {n_unit} {word}; keep at least one per layer")
+    prefix, blocks, masks = families.block_prefix(model), families.blocks(model), {}
+    for layer, units in sorted(recorded.items()):
+        for name, kind, dim, idx in families.unit_slices(model, sorted(units)):
+            tensor = getattr(blocks[layer].get_submodule(name), kind, None)
+            if tensor is None:  # no bias
+                continue
+            idx = idx.to(tensor.device)
+            tensor.index_fill_(dim, idx, 0.0)
+            masks.setdefault(f"{prefix}{layer}.{name}.{kind}", torch.ones_like(tensor)).index_fill_(dim, idx, 0.0)
     setattr(model.config, HEADS_KEY, {str(k): sorted(v) for k, v in sorted(recorded.items())})
     return masks
 
 
 @torch.no_grad()
-def apply_pruned_heads(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    """Cut the heads listed in the config out of c_attn and c_proj (Conv1D, in memory); layers already cut are skipped.
-
-    GPT2Attention splits q/k/v at `split_size` and infers the head count from the width, so shrinking the matrices
-    and setting split_size and num_heads is all a layer needs to run with fewer heads.
-    """
-    n_layer, n_head, hd = _head_dims(model)
-    e = model.config.n_embd
-    for key, hs in (getattr(model.config, HEADS_KEY, None) or {}).items():
-        attn = model.transformer.h[int(key)].attn
-        if attn.num_heads != n_head:
-            continue
-        keep = _head_columns([h for h in range(n_head) if h not in set(hs)], hd).to(attn.c_attn.weight.device)
-        qkv = torch.cat([keep + s * e for s in range(3)])
-        attn.c_attn.weight = nn.Parameter(attn.c_attn.weight[:, qkv].clone())
-        attn.c_attn.bias = nn.Parameter(attn.c_attn.bias[qkv].clone())
-        attn.c_attn.nf = len(qkv)
-        attn.c_proj.weight = nn.Parameter(attn.c_proj.weight[keep, :].clone())
-        attn.c_proj.nx = len(keep)
-        attn.num_heads, attn.split_size = n_head - len(hs), len(keep)
+def apply_pruned_heads(model: PreTrainedModel) -> PreTrainedModel:
+    """Cut the units listed in the config out of the block matrices (in memory); layers already cut are skipped."""
+    recorded = pruned_units(model)
+    if not recorded:
+        return model
+    n_unit, _ = families.head_units(model)
+    name, _, dim, every = _slice(model, list(range(n_unit)), families.family(model).attn_out)
+    blocks = families.blocks(model)
+    for layer, units in recorded.items():
+        if families.matrix_weight(blocks[layer], name).shape[dim] == len(every):  # still at full shape
+            families.cut_units(blocks[layer], model, units)
     return model
 
 
 def heal(
-    model: GPT2LMHeadModel,
-    teacher: GPT2LMHeadModel,
+    model: PreTrainedModel,
+    teacher: PreTrainedModel,
     masks: Masks,
     data: str,
     tokenizer_dir: str | Path,
@@ -216,7 +246,7 @@ def heal(
             "max_steps": steps,
             "warmup_steps": max(1, steps // 10),
             "lr": 1e-4,
-            "seq_len": min(256, model.config.n_positions),
+            "seq_len": min(256, families.context(model)),
             "batch_size": 8,
             "eval_every": 0,
             "save_every": 0,

@@ -1,13 +1,14 @@
-"""Int8 dynamic quantization of every linear layer of a GPT-2 model, LM head included, for CPU inference.
+"""Int8 dynamic quantization of every linear layer of a model of any supported family, LM head included, for CPU.
 
-Why the LM head too: in a small student the (n_embd x vocab) head is the largest matrix and dominates the cost of
-each new token. It is tied to the input embedding in GPT-2, so it is untied to be quantized: the head becomes an
-int8 linear layer, the input embedding stays an fp32 `nn.Embedding` (a lookup costs nothing, and HF code expects
-one) holding the head's dequantised weights. So input and output embedding stay one matrix as in GPT-2, and the
-artifact stores it once, in int8: with a small vocabulary's students the embedding is a third to a half of the
-model, and an fp32 copy of it on disk would leave the artifact barely smaller (kd-4 of the demo: 1.70 MB instead of
-0.67 MB, fp32 1.89 MB). GPT-2's c_attn/c_proj/c_fc are transformers' `Conv1D` (weight stored (in, out)), which no
-quantizer recognises, so each becomes an equivalent `nn.Linear`.
+Why the LM head too: in a small student the (width x vocab) head is the largest matrix and dominates the cost of
+each new token. Where it is tied to the input embedding (GPT-2, SmolLM2, the tiny presets) it is untied to be
+quantized: the head becomes an int8 linear layer, the input embedding stays an fp32 `nn.Embedding` (a lookup costs
+nothing, and HF code expects one) holding the head's dequantised weights. So input and output embedding stay one
+matrix, and the artifact stores it once, in int8: with a small vocabulary's students the embedding is a third to a
+half of the model, and an fp32 copy of it on disk would leave the artifact barely smaller (kd-4 of the demo: 1.70 MB
+instead of 0.67 MB, fp32 1.89 MB). A family whose head is its own matrix (Pythia) keeps its fp32 embedding as it is.
+GPT-2's matrices are transformers' `Conv1D` (weight stored (in, out)), which no quantizer recognises, so for that
+family (`Family.conv1d`) each becomes an equivalent `nn.Linear`.
 
 Library: `torch.ao.quantization.quantize_dynamic` (per-channel int8 weights, activations quantized per call, run by
 the fbgemm/x86 kernels), not torchao. Measured on this 2-core CPU with torch 2.13.0+cpu and torchao 0.18.0, one
@@ -33,18 +34,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from distil_codegpt.compress.prune import apply_pruned_heads
 from distil_codegpt.config import UserError
+from distil_codegpt.model import families
 from distil_codegpt.serve.engine import ENGINE_FILE, TorchEngine, engine_kind, write_engine_spec
 
 ENGINE = "torch-int8"
 WEIGHTS_FILE = "model_int8.bin"  # torch.save of the state dict; .bin so that size-on-disk tools count it
 LIBRARY = "torch.ao.quantization.quantize_dynamic"
-EMBEDDING_KEY = "transformer.wte.weight"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",  # sentencepiece (Llama, Mistral)
+    "added_tokens.json",
+)
 
 
 @contextmanager
@@ -71,28 +80,29 @@ def conv1d_to_linear(model: nn.Module) -> int:
     return len(targets)
 
 
-def untie_lm_head(model: GPT2LMHeadModel) -> bool:
+def untie_lm_head(model: PreTrainedModel) -> bool:
     """Give the LM head its own copy of the embedding matrix so that it can be quantized alone; True if it was tied."""
-    head, wte = model.lm_head, model.transformer.wte
-    tied = head.weight is wte.weight or head.weight.data_ptr() == wte.weight.data_ptr()
+    tied = families.tied_head(model)
     if tied:
-        head.weight = nn.Parameter(wte.weight.detach().clone())
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     model.config.tie_word_embeddings = False
     return tied
 
 
-def _head_as_embedding(model: GPT2LMHeadModel) -> None:
+def _head_as_embedding(model: PreTrainedModel) -> None:
     with torch.no_grad():
-        model.transformer.wte.weight.copy_(model.lm_head.weight().dequantize())
+        model.get_input_embeddings().weight.copy_(model.get_output_embeddings().weight().dequantize())
 
 
-def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    """In place: Conv1D -> Linear, untie the head, every nn.Linear -> dynamic int8 (per output channel), and a tied
-    input embedding set to the int8 head's values (module docstring)."""
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """In place: Conv1D -> Linear (GPT-2), untie the head, every nn.Linear -> dynamic int8 (per output channel), and a
+    tied input embedding set to the int8 head's values (module docstring)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model.cpu().float().eval()
-    conv1d_to_linear(model)
+    if families.family(model).conv1d:
+        conv1d_to_linear(model)
     tied = untie_lm_head(model)
     with _quiet():
         quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
@@ -101,10 +111,10 @@ def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     return model
 
 
-def embedding_is_head(model: GPT2LMHeadModel) -> bool:
+def embedding_is_head(model: PreTrainedModel) -> bool:
     """Whether the input embedding holds exactly the int8 head's values (then the artifact stores it once)."""
-    wte, head = model.transformer.wte.weight, model.lm_head
-    return is_int8_linear(head) and wte.shape == head.weight().shape and torch.equal(wte, head.weight().dequantize())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    return is_int8_linear(head) and emb.shape == head.weight().shape and torch.equal(emb, head.weight().dequantize())
 
 
 def is_int8_linear(module: nn.Module) -> bool:
@@ -113,7 +123,7 @@ def is_int8_linear(module: nn.Module) -> bool:
     return isinstance(module, DynamicLinear)
 
 
-def count_all_params(model: GPT2LMHeadModel) -> int:
+def count_all_params(model: PreTrainedModel) -> int:
     """What `count_params` gives for the fp32 model: int8 weights and biases included (`parameters()` skips them once
     quantized), an embedding that is the head counted once (as a tied one is)."""
     n = sum(p.numel() for p in model.parameters())
@@ -121,7 +131,7 @@ def count_all_params(model: GPT2LMHeadModel) -> int:
         if is_int8_linear(m):
             weight, bias = m._weight_bias()
             n += weight.numel() + (bias.numel() if bias is not None else 0)
-    return n - (model.transformer.wte.weight.numel() if embedding_is_head(model) else 0)
+    return n - (model.get_input_embeddings().weight.numel() if embedding_is_head(model) else 0)
 
 
 def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
@@ -138,7 +148,7 @@ def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
     return copied
 
 
-def save_int8(model: GPT2LMHeadModel, out: str | Path, **details: Any) -> Path:
+def save_int8(model: PreTrainedModel, out: str | Path, **details: Any) -> Path:
     """Write a quantized model as an artifact `load_engine` and `load_for_evaluation` read (with the tokenizer files
     copied beside it: `copy_tokenizer`).
 
@@ -149,7 +159,7 @@ def save_int8(model: GPT2LMHeadModel, out: str | Path, **details: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if embedding_is_head(model):
-        del state[EMBEDDING_KEY]  # rebuilt from the int8 head on load
+        del state[families.embedding_key(model)]  # rebuilt from the int8 head on load
     torch.save(state, out / WEIGHTS_FILE)
     model.config.save_pretrained(out)
     if model.generation_config is not None:
@@ -159,26 +169,29 @@ def save_int8(model: GPT2LMHeadModel, out: str | Path, **details: Any) -> Path:
     return out / WEIGHTS_FILE
 
 
-def load_int8(path: str | Path) -> GPT2LMHeadModel:
-    """Rebuild the fp32 modules from config.json, apply the same transformation, then load the int8 weights."""
+def load_int8(path: str | Path) -> PreTrainedModel:
+    """Rebuild the fp32 modules from config.json (the family's own class), apply the same transformation (pruned
+    units cut, then int8), then load the int8 weights."""
     path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(
             f"model: {weights}: missing; rebuild the artifact with `distil-codegpt compress --quantize int8`"
         )
-    config = GPT2Config.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    families.family(config, what=f"model {str(path)!r}")
     config.tie_word_embeddings = False
-    model = GPT2LMHeadModel(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     apply_pruned_heads(model)
     quantize_int8(model)
+    embedding = families.embedding_key(model)
     with _quiet():
         state = torch.load(weights, map_location="cpu", weights_only=True)
         result = model.load_state_dict(state, strict=False)
-    if set(result.missing_keys) - {EMBEDDING_KEY} or result.unexpected_keys:
-        wrong = sorted(set(result.missing_keys) - {EMBEDDING_KEY}) + result.unexpected_keys
+    if set(result.missing_keys) - {embedding} or result.unexpected_keys:
+        wrong = sorted(set(result.missing_keys) - {embedding}) + result.unexpected_keys
         raise UserError(f"model: {weights} does not fit its config.json ({', '.join(wrong[:3])}...); rebuild it")
-    if EMBEDDING_KEY in result.missing_keys:
+    if embedding in result.missing_keys:
         _head_as_embedding(model)
     return model.eval()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import PreTrainedModel
 
 from distil_codegpt.compress.prune import (
     HEADS_KEY,
@@ -28,17 +28,19 @@ from distil_codegpt.compress.prune import (
     parse_prune,
     sparsity,
     tokenizer_dir_of,
+    unit_name,
 )
 from distil_codegpt.compress.quantize import LIBRARY, copy_tokenizer, quantize_int8, save_int8
 from distil_codegpt.config import CompressConfig, UserError, to_dict
 from distil_codegpt.evaluate.perf import disk_mb
+from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, load_model
 from distil_codegpt.runinfo import write_manifest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _prune(model: GPT2LMHeadModel, cfg: CompressConfig, out: Path) -> dict[str, Any]:
+def _prune(model: PreTrainedModel, cfg: CompressConfig, out: Path) -> dict[str, Any]:
     """Prune in place as cfg.prune says, heal when asked; returns what was done."""
     kind, value = parse_prune(cfg.prune)
     tok_dir = tokenizer_dir_of(cfg.model) if cfg.data else None
@@ -47,8 +49,8 @@ def _prune(model: GPT2LMHeadModel, cfg: CompressConfig, out: Path) -> dict[str, 
         masks = magnitude_prune(model, value)
         info: dict[str, Any] = {"method": "magnitude", "fraction": value}
     else:
-        batches = dev_batches(cfg.data, tok_dir, min(128, model.config.n_positions)) if tok_dir else None
-        masks = mask_heads(model, choose_heads(head_importance(model, batches), int(value)))
+        batches = dev_batches(cfg.data, tok_dir, min(128, families.context(model))) if tok_dir else None
+        masks = mask_heads(model, choose_heads(head_importance(model, batches), int(value), unit_name(model)))
         info = {"method": "heads", "heads": int(value), "importance": "dev contribution" if batches else "weight norm"}
     if teacher is not None and tok_dir is not None:
         with tempfile.TemporaryDirectory(prefix="distil-heal-") as work:
@@ -74,6 +76,9 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         summary["prune"] = _prune(model, cfg, out)
         summary["sparsity"] = sparsity(model)
     summary["pruned_heads"] = getattr(model.config, HEADS_KEY, None) or {}
+    summary["head_unit"] = unit_name(
+        model
+    )  # what pruned_heads lists: "heads", or "KV groups" (grouped-query attention)
     if cfg.quantize == "int8":
         apply_pruned_heads(model)  # int8 modules cannot be sliced later: cut the heads out first
         summary.update(params_after=count_params(model), nonzero_params=_nonzero(model))
@@ -99,7 +104,7 @@ def print_compress(summary: dict[str, Any], out: str | Path) -> None:
         f"params {summary['params_before']:,} -> {summary['params_after']:,}"
         f" (nonzero {summary['nonzero_params']:,})"
         + (f", block sparsity {summary['sparsity']:.1%}" if "sparsity" in summary else "")
-        + (f", {heads} heads pruned" if heads else "")
+        + (f", {heads} {summary.get('head_unit', 'heads')} pruned" if heads else "")
         + (f", healed {prune['heal']['steps']} steps" if "heal" in prune else "")
     )
     before = "-" if summary["disk_mb_before"] is None else f"{summary['disk_mb_before']:.2f}"  # None: a hub id

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from distil_codegpt.config import UserError
+from distil_codegpt.model import families
 
 ENGINE_FILE = "engine.json"
 # engine name -> "module:Class" with a `load(path, device)` classmethod; imported only when used
@@ -79,7 +80,7 @@ def pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator:
 
 
 class TorchEngine(Engine):
-    """A Hugging Face GPT-2 model run by PyTorch, with its KV cache, one sequence at a time."""
+    """A Hugging Face model of a supported family run by PyTorch, with its KV cache, one sequence at a time."""
 
     name = "torch"
     supports_first_allowed = True
@@ -87,7 +88,7 @@ class TorchEngine(Engine):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu") -> None:
         self.model = model.to(device).eval()
         self.tokenizer, self.path, self.device = tokenizer, Path(path), torch.device(device)
-        self.context = int(model.config.n_positions)
+        self.context = families.context(model)
         # transformers 5 calls the KV cache `cache` (`past_key_values` before, deprecated since)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
