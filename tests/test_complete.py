@@ -1,17 +1,21 @@
-"""Completing real, unfinished code: cursor parsing, lenient normalisation, healing, de-normalisation."""
+"""Completing real, unfinished code: cursor parsing, lenient normalisation, healing, de-normalisation; and raw code
+with a real teacher's own tokenizer (a llama with a SmolLM2-like one): framing, line ends inside tokens, specials."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from test_real_tokenizer import smollm_like_tokenizer
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from distil_codegpt.config import StudentConfig, UserError, build_config
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.model.presets import preset_config
 from distil_codegpt.serve.complete import Completer, read_cursor, scan_end_state
-from distil_codegpt.serve.engine import TorchEngine, load_engine
+from distil_codegpt.serve.engine import Engine, TorchEngine, load_engine
 
 UNFINISHED = {
     "open_string": "def f(x):\n    return open('data.tx",
@@ -169,3 +173,117 @@ def test_student_dir_is_an_engine(engine: TorchEngine, tmp_path: Path) -> None:
     student = load_engine(tmp_path / "s")
     assert isinstance(student.model, GPT2LMHeadModel) and student.model.config.n_layer == 1
     assert load_tokenizer(tmp_path / "s").get_vocab() == engine.tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------- a real teacher's tokenizer, raw mode
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's document separator, chat bos and eos
+RAW_PROMPTS = [
+    "def f(x):\n    return ",
+    "def f(x):\n",
+    "class ",
+    "x = [1, ",
+    "class A:\n    def g(self):\n        return [",
+]
+
+
+def raw_llama_dir(out: Path) -> Path:
+    """An untrained tiny llama with a SmolLM2-like tokenizer saved in its directory, as a real teacher comes.
+
+    Its tied embeddings make it repeat the prompt's last token, some of which hold code and a line break (`):` + break).
+    """
+    tok = smollm_like_tokenizer(out)
+    torch.manual_seed(0)
+    config = preset_config("tiny-llama", len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def greedy_ids(engine: Engine, prompt: str, max_tokens: int) -> list[int]:
+    """The engine's own greedy ids after the prompt framed as in pretraining (`<|endoftext|>` in front), stopped only
+    at the special tokens: the reference a raw completion is checked against."""
+    tok = engine.tokenizer
+    ends = {tok.convert_tokens_to_ids(t) for t in SPECIALS}
+    ids = [tok.convert_tokens_to_ids("<|endoftext|>"), *tok.encode(prompt, add_special_tokens=False)]
+    return engine.generate(ids, max_tokens, ends)
+
+
+def line_of(tok: object, ids: list[int]) -> str:
+    """Ids decoded and cut at the first line break (blanks at the end wait for more text: dropped)."""
+    return tok.decode(ids).split("\n", 1)[0].rstrip()
+
+
+class ScriptedEngine(Engine):
+    """Writes a fixed script of ids, stopping as every engine does: before the first of `stop_ids`."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer: object, path: Path, script: list[int]) -> None:
+        self.tokenizer, self.path, self.context, self.script = tokenizer, path, 256, script
+        self.prompts: list[list[int]] = []
+
+    def stream(self, ids: list[int], max_new_tokens: int, stop_ids: set[int], **kw: object) -> Iterator[int]:
+        self.prompts.append(ids)
+        for i in self.script[:max_new_tokens]:
+            if i in stop_ids:
+                return
+            yield i
+
+
+@pytest.fixture(scope="module")
+def raw_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return load_engine(raw_llama_dir(tmp_path_factory.mktemp("raw-llama") / "m"))
+
+
+def test_raw_teacher_completion_is_the_engines_greedy_line(raw_engine: Engine) -> None:
+    c = Completer(raw_engine)
+    tok = raw_engine.tokenizer
+    assert c.mode == "raw"
+    cut_inside = False
+    for prompt in RAW_PROMPTS:
+        ids = greedy_ids(raw_engine, prompt, 12)
+        result = c.complete(prompt, 12)
+        assert result.text == line_of(tok, ids), prompt
+        assert result.finish_reason == ("stop" if "\n" in tok.decode(ids) else "length")
+        assert "".join(c.stream(prompt, 12)) == result.text
+        assert "\n" not in result.text and not any(t in result.text for t in SPECIALS)
+        breaks = [t for t in (tok.decode([i]) for i in ids) if "\n" in t]
+        cut_inside |= bool(breaks) and not breaks[0].startswith("\n")
+    assert cut_inside  # some completion ended inside a token that holds code before its line break
+
+
+def test_raw_prompt_is_framed_by_the_separator_not_the_chat_bos(raw_engine: Engine) -> None:
+    tok = raw_engine.tokenizer
+    ids = Completer(raw_engine)._prompt("def f(x):\n    return ", 8).ids
+    assert ids[0] == tok.convert_tokens_to_ids("<|endoftext|>") and tok.bos_token_id not in ids
+    assert tok.decode(ids[1:]) == "def f(x):\n    return "
+
+
+@pytest.mark.parametrize("end", SPECIALS)
+def test_raw_completion_ends_at_every_special_token(raw_engine: Engine, end: str, tmp_path: Path) -> None:
+    tok = raw_engine.tokenizer
+    script = [*tok.encode("a + b", add_special_tokens=False), tok.convert_tokens_to_ids(end)]
+    script += tok.encode(" c\n", add_special_tokens=False)
+    engine = ScriptedEngine(tok, tmp_path, script)
+    result = Completer(engine).complete("x = ", 16)
+    assert (result.text, result.finish_reason) == ("a + b", "stop")
+
+
+def test_raw_completion_keeps_the_code_before_a_break_inside_a_token(raw_engine: Engine, tmp_path: Path) -> None:
+    tok = raw_engine.tokenizer
+    script = tok.encode("x):\n    return x + 1\n", add_special_tokens=False)
+    assert any("\n" in (t := tok.decode([i])) and not t.startswith("\n") for i in script)
+    result = Completer(ScriptedEngine(tok, tmp_path, script)).complete("def f(", 16)
+    assert (result.text, result.finish_reason) == ("x):", "stop")
+
+
+def test_complete_verb_with_a_raw_teacher(raw_engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from distil_codegpt.config import CompleteConfig
+    from distil_codegpt.serve.complete import run_complete
+
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\ndef f(x):\n    return x\n")
+    cfg = build_config(CompleteConfig, {"model": str(raw_engine.path), "file": f"{f}:3", "max_new_tokens": 12})
+    result = run_complete(cfg)
+    expected = line_of(raw_engine.tokenizer, greedy_ids(raw_engine, "import os\n\ndef f(x):", 12))
+    assert result.text == expected and capsys.readouterr().out == expected + "\n"

@@ -1,5 +1,6 @@
 """The HTTP server: OpenAI-shaped answers equal to the completer's, SSE streaming, every bad input a 4xx in
-OpenAI's error shape (and the server still serving), the bounded queue, disconnects, and a real uvicorn run."""
+OpenAI's error shape (and the server still serving), the bounded queue, disconnects, a real uvicorn run, and a
+llama teacher with its own (SmolLM2-like) tokenizer in raw mode."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from test_complete import RAW_PROMPTS, SPECIALS, greedy_ids, line_of, raw_llama_dir
 from transformers import GPT2LMHeadModel
 
 from distil_codegpt.config import ServeConfig, build_config
@@ -204,6 +206,26 @@ def test_model_name_defaults_to_the_directory(engine: CountingEngine, model_dir:
     cfg = build_config(ServeConfig, {"model": str(model_dir)})
     with TestClient(create_app(Completer(engine), cfg)) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-model"
+
+
+def test_raw_teacher_completions_are_the_engines_greedy_lines(tmp_path: Path) -> None:
+    """A llama with a SmolLM2-like tokenizer of its own: each answer is the engine's greedy line after the prompt
+    framed by `<|endoftext|>`, cut at the first line break (also inside a token), plain and streamed alike."""
+    model = raw_llama_dir(tmp_path / "smol-llama")
+    engine = load_engine(model)
+    tok = engine.tokenizer
+    with TestClient(create_app(Completer(engine), serve_cfg(model))) as c:
+        assert c.get("/health").json()["mode"] == "raw"
+        for prompt in RAW_PROMPTS:
+            ids = greedy_ids(engine, prompt, 12)
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12})
+            assert r.status_code == 200, r.text
+            choice, usage = r.json()["choices"][0], r.json()["usage"]
+            assert choice["text"] == line_of(tok, ids) and not any(t in choice["text"] for t in SPECIALS)
+            assert choice["finish_reason"] == ("stop" if "\n" in tok.decode(ids) else "length")
+            assert usage["prompt_tokens"] == 1 + len(tok.encode(prompt, add_special_tokens=False))
+            events = sse(c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "stream": True}).text)
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == choice["text"]
 
 
 def test_full_queue_answers_503(tmp_path: Path) -> None:

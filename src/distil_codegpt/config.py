@@ -366,6 +366,11 @@ class SweepConfig:
     student_steps: int = opt(100, "distillation steps per student")
     student_lr: float = opt(1e-3, "student peak learning rate")
     variant_layers: int = opt(8, "depth of the variant students")
+    pick: str = opt(
+        "uniform",
+        "teacher layers each student starts from: uniform | first | last | influence | angular (the latter two "
+        "scored on the corpus's dev windows; see `distil-codegpt student --pick`)",
+    )
     variants: list[str] = opt(list(VARIANTS), "variants of the variant_layers student: " + ", ".join(VARIANTS))
     pretrain_steps: int = opt(0, "pretrained-weights variant: CLM steps before KD (0 = student_steps)")
     low_temperature: float = opt(1.0, "temperature of the low-temperature variant")
@@ -404,6 +409,8 @@ class SweepConfig:
         for name in ("teacher_steps", "pretrain_steps", "eval_limit", "latency_samples", "warmup_steps"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
+        picks = ", ".join(NAMED_PICKS)
+        _check(self.pick in NAMED_PICKS, "pick", self.pick, f"choose from {picks} (a layer list fits one depth only)")
 
 
 @dataclass

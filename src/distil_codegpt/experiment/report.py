@@ -96,6 +96,19 @@ def collect(dir: str | Path) -> list[Row]:
     return rows
 
 
+def teacher_line(dir: str | Path) -> str | None:
+    """Which teacher the sweep distilled from, in which family, with which tokenizer and corpus format: a student's
+    numbers only mean something next to these."""
+    path = Path(dir) / "sweep.json"
+    sweep = _read_json(path) if path.is_file() else {}
+    t, config = sweep.get("teacher"), sweep.get("config") or {}
+    if not isinstance(t, dict) or not t.get("model"):
+        return None
+    fmt = f"; corpus format {config['format']}" if config.get("format") else ""
+    shape = f"{t.get('family')}, {t.get('layers')} layers"
+    return f"Teacher: `{t['model']}` ({shape}); tokenizer: {t.get('tokenizer')}{fmt}."
+
+
 def pareto_front(points: list[tuple[float, float]], minimize_x: bool) -> list[int]:
     """Indices of the points no other point beats on both axes (y is always maximised), sorted by x.
 
@@ -244,7 +257,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     table = markdown_table(rows, records)
     setup = [
         f"{label} {v}"
-        for key, label in [("device", "device"), ("beam", "beam"), ("batch_size", "batch size")]
+        for key, label in [("mode", "mode"), ("device", "device"), ("beam", "beam"), ("batch_size", "batch size")]
         if (v := _common(metrics, key)) is not None
     ]
     if base_row:
@@ -259,6 +272,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         f"# Line-level completion results: {Path(cfg.dir).resolve().name}",
         "",
         f"Test set n = {n} examples" + (f"; {', '.join(setup)}" if setup else "") + ".",
+        *([teacher] if (teacher := teacher_line(cfg.dir)) else []),
         "Size is the fp32 weight size; Inf. is throughput measured by `distil-codegpt evaluate`.",
         "",
         table,

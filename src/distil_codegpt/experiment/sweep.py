@@ -3,6 +3,12 @@
 Every step writes into its own directory and is done when that directory's run.json (or eval/metrics.json)
 exists; a step found done is skipped, and a training step that left a checkpoint is resumed, so an
 interrupted sweep goes on where it stopped.
+
+The teacher is either a preset trained here from scratch, with a tokenizer trained here on the corpus (OUT/tok), or
+an existing model of any supported family (a directory, .gguf file or hub id) used with its own tokenizer: then no
+tokenizer is trained, the shards are built with the teacher's, and every student, the untrained floor included, is
+the teacher's family and shape with fewer blocks. `teacher_steps` > 0 fine-tunes an existing teacher on the corpus
+first.
 """
 
 from __future__ import annotations
@@ -57,15 +63,42 @@ class Sweep:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.data, self.tok = self.out / "data", self.out / "tok"
+        self.data = self.out / "data"
         self.preset_teacher = cfg.teacher_model in PRESETS
+        self.tok: Path | None  # the tokenizer trained here; None: the teacher's own
         if self.preset_teacher:
-            deepest = max([*cfg.students, cfg.variant_layers if cfg.variants else 0])
-            if deepest > cfg.teacher_layers:
-                raise ConfigError(f"students: {deepest} layers exceed the teacher's {cfg.teacher_layers}; use fewer")
+            self.tok, self.source = self.out / "tok", ""
+            family, self.teacher_depth = PRESETS[cfg.teacher_model]["family"], cfg.teacher_layers
         else:
-            self.tok = Path(cfg.teacher_model)  # an existing teacher (a local directory) brings its own tokenizer
-        self.teacher = self.out / "teacher" if self.preset_teacher or cfg.teacher_steps else Path(cfg.teacher_model)
+            self.tok = None
+            self.source, family, self.teacher_depth = self._existing_teacher()
+        # the teacher every student learns from: trained (or fine-tuned) here, else the existing one as it loads
+        self.teacher = self.out / "teacher" if self.preset_teacher or cfg.teacher_steps else Path(self.source)
+        self.teacher_info = {"model": cfg.teacher_model, "family": family, "layers": self.teacher_depth}
+        self.teacher_info["tokenizer"] = str(self.tok) if self.tok else "the teacher's own"
+        deepest = max([*cfg.students, cfg.variant_layers if cfg.variants else 0])
+        if deepest > self.teacher_depth:
+            raise ConfigError(f"students: {deepest} layers exceed the teacher's {self.teacher_depth}; use fewer")
+
+    def _existing_teacher(self) -> tuple[str, str, int]:
+        """(where it loads from, family, depth) of an existing teacher, checked against the corpus format first."""
+        from transformers import AutoConfig
+
+        from distil_codegpt.data.normalize import EOL
+        from distil_codegpt.evaluate.run import model_tokenizer
+        from distil_codegpt.model import families
+        from distil_codegpt.model.presets import model_type_of, resolve_model
+
+        c = self.cfg
+        source = resolve_model(c.teacher_model, role="teacher_model")  # a .gguf file: imported once, cached
+        families.family_name(model_type_of(source, role="teacher_model"), what=f"teacher_model {c.teacher_model!r}")
+        if c.format == "codexglue" and EOL not in model_tokenizer(source).get_vocab():
+            raise ConfigError(
+                f"format: 'codexglue' needs a teacher trained on normalised code (an {EOL} token), and "
+                f"{c.teacher_model!r}'s own tokenizer has none; pass --format raw (the source text, as it was trained)"
+            )
+        config = AutoConfig.from_pretrained(source)
+        return source, families.family(config).name, families.depth(config)
 
     # ------------------------------------------------------------ configs of the stages
 
@@ -92,8 +125,12 @@ class Sweep:
 
     def _train(self, what: str, out: Path, model: str, steps: int, lr: float, **kw: Any) -> Step:
         from distil_codegpt.distill.run import run_train
+        from distil_codegpt.model.presets import looks_local
 
-        tok = {"tokenizer": str(self.tok)} if model == self.cfg.teacher_model and self.preset_teacher else {}
+        tok = {}
+        if model == self.cfg.teacher_model:  # the tokenizer trained here, or the teacher's own (a .gguf's: its import)
+            own = self.tok or (self.source if looks_local(self.source) else "")
+            tok = {"tokenizer": str(own)} if own else {}
         values = self._loop(out, steps, lr, model=model, **tok, **kw)
         return Step(what, out / "run.json", lambda: run_train(build_config(TrainConfig, values)))
 
@@ -119,9 +156,16 @@ class Sweep:
                     lambda: build_cache(build_config(CacheTeacherConfig, values)))  # fmt: skip
 
     def _student(self, what: str, out: Path, layers: int, **kw: Any) -> Step:
-        from distil_codegpt.model.student import build_student
+        """A student directory; one made from the teacher's layers takes them by `pick` (a data pick scores them
+        on the corpus's dev split, with the teacher's tokenizer)."""
+        from distil_codegpt.model.student import DATA_PICKS, build_student
 
-        values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": self.cfg.seed, **kw}
+        c = self.cfg
+        values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": c.seed, **kw}
+        if not (kw.get("random") or kw.get("init_from")):
+            values["pick"] = c.pick
+            if c.pick in DATA_PICKS:
+                values.update(data=str(self.data), pick_seq_len=c.seq_len)
         return Step(what, out / "run.json", lambda: build_student(build_config(StudentConfig, values)))
 
     # ------------------------------------------------------------ the plan
@@ -130,17 +174,16 @@ class Sweep:
         c = self.cfg
         s = self.out / "students"
         models = []
-        teacher = Model("teacher", f"Teacher ({self._teacher_layers()} layers)", self._teacher_layers(), "teacher", "")
+        n = self.teacher_depth
+        teacher = Model("teacher", f"Teacher ({n} layers)", n, "teacher", "")
         if self.preset_teacher or c.teacher_steps:
             layers = {"layers": c.teacher_layers} if self.preset_teacher else {}
             teacher.steps.append(
                 self._train("train teacher", self.teacher, c.teacher_model, c.teacher_steps, c.teacher_lr, **layers)
             )
         models.append(teacher)
-        untrained = Model("untrained", "Untrained (teacher shape)", self._teacher_layers(), "untrained", "no training")
-        untrained.steps.append(
-            self._student("random init", self.out / "untrained", self._teacher_layers(), random=True)
-        )
+        untrained = Model("untrained", "Untrained (teacher shape)", n, "untrained", "no training")
+        untrained.steps.append(self._student("random init", self.out / "untrained", n, random=True))
         models.append(untrained)
         for k in c.students:
             m = Model(f"students/kd-{k}", f"{k} layers", k, "student", "in-training KD")
@@ -193,16 +236,6 @@ class Sweep:
             models.append(m)
         return models
 
-    def _teacher_layers(self) -> int:
-        if self.preset_teacher:
-            return self.cfg.teacher_layers
-        from transformers import AutoConfig
-
-        from distil_codegpt.model import families
-        from distil_codegpt.model.presets import resolve_model
-
-        return families.depth(AutoConfig.from_pretrained(resolve_model(self.cfg.teacher_model, role="teacher_model")))
-
     # ------------------------------------------------------------ running
 
     def run(self) -> dict[str, Any]:
@@ -215,11 +248,12 @@ class Sweep:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         models = self.models()
-        write_json(self.out / "sweep.json", {"config": to_dict(c), "models": [_entry(m) for m in models]})
+        entries = [_entry(m) for m in models]
+        write_json(self.out / "sweep.json", {"config": to_dict(c), "teacher": self.teacher_info, "models": entries})
         corpus = {"out": str(self.data), "src": c.src, "format": c.format, "seed": c.seed,
                   "line_examples": c.line_examples, "workers": c.threads}  # fmt: skip
         plan = [Step("corpus", self.data / "corpus.json", lambda: build_corpus(build_config(CorpusConfig, corpus)))]
-        if self.preset_teacher:
+        if self.tok:
             tok = {"data": str(self.data), "out": str(self.tok), "vocab_size": c.vocab_size}
             plan.append(Step("tokenizer", self.tok / "tokenizer_meta.json",
                              lambda: train_tokenizer(build_config(TokenizerConfig, tok))))  # fmt: skip

@@ -1,6 +1,11 @@
 """Complete the current line of real code with any engine: raw code in, the rest of the line out.
 
-Raw-mode models read the code as it is. Normalised (CodeXGLUE) models need the code normalised first, and
+Raw-mode models (ours trained on raw text, or a real teacher with its own tokenizer) read the code as it is, framed
+as their training documents were (`raw_framing`); the completion is the decoded new text up to its first line
+break, and a token may carry code before its break (`):` and the break in one token), which is kept. It also ends
+at the end of a document and at any special token (a chat template's, a file marker), so none ever shows.
+
+Normalised (CodeXGLUE) models need the code normalised first, and
 the code at a cursor is unfinished, so this is done leniently: an open bracket is fine (the tokens so far
 are used), a string still open at the cursor is closed (a normalised model cannot see or write string
 contents: the completion starts with the closing quote), and a half-typed name is handed to the model as
@@ -104,7 +109,9 @@ class Completer:
             [[i] for i in range(len(self.tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
         stops = StopIds.of(self.tok)
-        ends = set(stops.ends) | ({stops.eos} if stops.eos is not None else set())
+        ends = set(stops.ends) | ({stops.eos} if stops.eos is not None else set()) | special_ids(self.tok)
+        # raw mode stops at the first line break in the decoded text (`stream`), not at the ids that hold one:
+        # such a token may carry code before its break (`):\n`)
         self.stop_ids = ends if self.mode == "raw" else set(stops.eol) | ends
 
     # ------------------------------------------------------------ prompts
@@ -125,12 +132,10 @@ class Completer:
     def _prompt(self, code: str, max_tokens: int) -> _Prompt | None:
         notes: list[str] = []
         room = max(self.engine.context - max_tokens, 1)
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        if self.mode == "raw":
-            bos = raw_framing(self.tok)[0]
+        if self.mode == "raw":  # framed as the model saw documents in training (a real teacher: `<|endoftext|>`)
             m = _TRAILING_NAME.search(code) if scan_end_state(code)[0] == "code" else None
             text, healed, allowed = self._heal(code, m.group(0) if m else "")
-            ids = bos + self.tok.encode(text, add_special_tokens=False)
+            ids = raw_framing(self.tok)[0] + self.tok.encode(text, add_special_tokens=False)
             return _Prompt(ids[-room:], [], "", "", notes, healed=healed, allowed=allowed)
         state, start, quote = scan_end_state(code)
         if state == "comment":
@@ -242,6 +247,12 @@ class Completer:
         result: dict[str, Any] = {}
         text = "".join(self.stream(prompt, max_tokens, result=result, **kw))
         return Completion(text, result["finish_reason"], result["notes"])
+
+
+def special_ids(tok: Any) -> set[int]:
+    """Every special token: end of document, a chat template's turn markers (SmolLM2's `<|im_start|>`), repository
+    and file markers. None of them is code, so a completion ends before any of them and never shows one."""
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
