@@ -53,11 +53,21 @@ def test_training_lowers_dev_loss(tiny_data: dict, tmp_path: Path) -> None:
         tiny_data["shards"],
     ).evaluate(tiny_model(tiny_data["tok"]))
     assert metrics["dev_loss"] < untrained["dev_loss"] - 1.5, (metrics, untrained)
+    # the run's own start: an untrained model of the same shape (another init), on the same dev windows
+    assert abs(metrics["start_dev_loss"] - untrained["dev_loss"]) < 0.1
+    assert metrics["start_dev_loss"] > metrics["dev_loss"] + 1.5
     saved = GPT2LMHeadModel.from_pretrained(tmp_path / "t")
     assert saved.config.n_layer == 2 and (tmp_path / "t" / "tokenizer.json").is_file()
     run = json.loads((tmp_path / "t" / "run.json").read_text())
     assert run["stage"] == "train" and run["metrics"]["steps"] == 60
     lines = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {
+        "step": 0,
+        "tokens": 0,
+        "start_dev_loss": pytest.approx(metrics["start_dev_loss"], rel=1e-5),
+        "start_dev_ppl": pytest.approx(metrics["start_dev_ppl"], rel=1e-5),
+    }
+    lines = lines[1:]
     assert (
         lines[0]["step"] == 1
         and "tokens_per_s" in lines[0]
@@ -122,7 +132,8 @@ def test_in_training_teacher_changes_and_both_are_saved(tiny_data: dict, teacher
     assert any(not torch.equal(v, after[k]) for k, v in before.items())
     assert "teacher_dev_loss" in metrics and metrics["steps"] == 5
     log = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert {"kd", "clm", "cos", "teacher_clm"} <= set(log[0])
+    assert {"start_dev_loss", "start_teacher_dev_loss"} <= set(log[0]) and log[0]["step"] == 0
+    assert {"kd", "clm", "cos", "teacher_clm"} <= set(log[1])
 
 
 def test_distillation_beats_untrained_student(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
@@ -533,8 +544,9 @@ def test_distil_lowers_dev_loss_in_every_family(tiny_data: dict, family_pair: di
     else:
         cfg = distil_cfg(tiny_data, (teacher, student), out, teacher_mode=mode, max_steps=15, lr=3e-3)
         metrics = run_distil(cfg)
-    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # [0]: the start
     assert ("cos" in log[0]) is (mode != "cache") and "kd" in log[0]
     assert metrics["dev_loss"] < untrained - 0.8, (metrics, untrained)
+    assert metrics["start_dev_loss"] == pytest.approx(untrained, rel=1e-5)  # the same student, the same windows
     if mode == "train":
         assert "teacher_dev_loss" in metrics and (out / "teacher" / "config.json").is_file()

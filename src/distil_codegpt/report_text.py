@@ -69,6 +69,8 @@ def print_student(s: dict[str, Any], out: str) -> None:
 def print_training(m: dict[str, Any], out: str) -> None:
     line = f"{m['steps']} steps, {m['tokens']:,} tokens in {m['seconds']:.0f} s ({m['stop_reason']})"
     dev = f"dev loss {m['dev_loss']:.4f}, perplexity {m['dev_ppl']:.2f}"
+    if "start_dev_loss" in m:
+        dev += f" (at the start: {m['start_dev_loss']:.4f}, {m['start_dev_ppl']:.2f})"
     if "teacher_dev_loss" in m:
         dev += f"; teacher dev loss {m['teacher_dev_loss']:.4f}"
     print(f"{line}\n  {dev}\n  model written to {out}")

@@ -205,8 +205,10 @@ def raw_framing(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
 
 
 def end_ids(tok: PreTrainedTokenizerBase) -> set[int]:
-    """Ids that end a document for this tokenizer: its eos and the document separator (a completion stops there)."""
-    ids = {i for i in (tok.eos_token_id,) if i is not None}
+    """Ids a completion stops before: every special token (end of document, the document separator, a chat
+    template's turn markers such as SmolLM2's `<|im_start|>`, repository and file markers). None of them is code."""
+    ids = {i for i in (tok.eos_token_id,) if i is not None} | set(tok.all_special_ids)
+    ids |= {i for i, t in tok.added_tokens_decoder.items() if t.special}
     if DOC_SEPARATOR in tok.get_vocab():
         ids.add(tok.convert_tokens_to_ids(DOC_SEPARATOR))
     return ids | set(raw_framing(tok)[1])

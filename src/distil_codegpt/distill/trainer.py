@@ -396,7 +396,11 @@ class Trainer:
             raise ConfigError(f"out: {str(out)!r} already holds a run; pass --resume to continue it or another --out")
         else:
             seed_everything(cfg.seed)  # dropout draws from the global generators: same seed, same run
+        # where the run starts from (a fresh run only: a resumed one has it in its first metrics.jsonl line)
+        initial = {f"start_{k}": v for k, v in self._evaluate_all().items()} if not cfg.resume else {}
         log = open(out / "metrics.jsonl", "a") if rt.main else None  # noqa: SIM115
+        if log is not None and initial:
+            _log(log, None, {"step": 0, "tokens": 0, **initial})
         writer = _tensorboard(out) if rt.main and cfg.tensorboard else None
         start, last_t, last_tokens = time.perf_counter(), time.perf_counter(), self.tokens
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="distil" if self.kd else "train", disable=not rt.main)
@@ -449,6 +453,7 @@ class Trainer:
             "stop_reason": reason,
             "seconds": round(seconds, 2),
             "train_loss": record.get("loss"),
+            **initial,
             **final,
         }
 

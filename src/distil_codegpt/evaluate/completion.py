@@ -44,7 +44,7 @@ class StopIds:
     newline: frozenset[int]  # raw mode: tokens whose text holds a line break
     eos: int | None
     pad: int
-    ends: frozenset[int] = frozenset()  # every end-of-document id (eos, `<|endoftext|>`): also ends a completion
+    ends: frozenset[int] = frozenset()  # every special id (eos, `<|endoftext|>`, chat markers): ends a completion
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase) -> StopIds:

@@ -109,7 +109,7 @@ class Completer:
             [[i] for i in range(len(self.tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
         stops = StopIds.of(self.tok)
-        ends = set(stops.ends) | ({stops.eos} if stops.eos is not None else set()) | special_ids(self.tok)
+        ends = set(stops.ends)  # every special token (`end_ids`)
         # raw mode stops at the first line break in the decoded text (`stream`), not at the ids that hold one:
         # such a token may carry code before its break (`):\n`)
         self.stop_ids = ends if self.mode == "raw" else set(stops.eol) | ends
@@ -247,12 +247,6 @@ class Completer:
         result: dict[str, Any] = {}
         text = "".join(self.stream(prompt, max_tokens, result=result, **kw))
         return Completion(text, result["finish_reason"], result["notes"])
-
-
-def special_ids(tok: Any) -> set[int]:
-    """Every special token: end of document, a chat template's turn markers (SmolLM2's `<|im_start|>`), repository
-    and file markers. None of them is code, so a completion ends before any of them and never shows one."""
-    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
