@@ -35,24 +35,26 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distil_codegpt.config import CacheTeacherConfig, DistilConfig, TrainConfig, build_config
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Trainer, setup_runtime
+from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, preset_config
-from distil_codegpt.model.student import copy_weights, pick_layers, student_config
+from distil_codegpt.model.student import copy_weights, pick_layers
 
 MODES = ("naive", "frozen", "in-training", "cache", "clm")
 
 
-def models(a: argparse.Namespace) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
+def models(a: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel]:
     tok = load_tokenizer(a.tokenizer)
     torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(preset_config(a.preset, a.vocab or len(tok), layers=a.teacher_layers))
-    student = GPT2LMHeadModel(student_config(teacher.config, a.student_layers))
-    copy_weights(teacher, student, pick_layers(a.teacher_layers, a.student_layers))
+    teacher = AutoModelForCausalLM.from_config(preset_config(a.preset, a.vocab or len(tok), layers=a.teacher_layers))
+    picked = pick_layers(a.teacher_layers, a.student_layers)
+    student = AutoModelForCausalLM.from_config(families.with_depth(teacher.config, picked))
+    copy_weights(teacher, student, picked)
     return teacher, student
 
 

@@ -16,18 +16,19 @@ import argparse
 import time
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
-from distil_codegpt.model.presets import count_params, preset_config, load_model
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import count_params, load_model, preset_config
 
 
 def naive(model, tok, inputs: list[str], max_new_tokens: int, stops: StopIds) -> list[str]:  # noqa: ANN001
     """The plain way: each example alone through `generate` (with its KV cache), in file order."""
     out = []
-    context = model.config.n_positions
+    context = families.context(model)
     with torch.inference_mode():
         for text in inputs:
             ids = torch.tensor([encode_inputs(tok, [text], context - max_new_tokens)[0]], device=model.device)
@@ -62,7 +63,7 @@ def main() -> None:
     else:
         tok = load_tokenizer(a.tokenizer)
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(preset_config(a.preset or "tiny", len(tok)))
+        model = AutoModelForCausalLM.from_config(preset_config(a.preset or "tiny", len(tok)))
     model.to(a.device).eval()
     inputs = [ex.input for ex in read_examples(a.test)[: a.n]]
     stops = StopIds.of(tok)
@@ -82,7 +83,8 @@ def main() -> None:
 
     cfg = model.config
     name = a.model or f"{a.preset or 'tiny'} (random weights)"
-    print(f"{name}: {cfg.n_layer} layers x {cfg.n_embd}, {count_params(model):,} params, vocab {cfg.vocab_size}")
+    shape = f"{families.depth(model)} layers x {families.width(model)}"
+    print(f"{name}: {families.family(model).name}, {shape}, {count_params(model):,} params, vocab {cfg.vocab_size}")
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {threads} threads"
     print(f"{len(inputs)} examples, up to {a.max_new_tokens} new tokens, greedy fp32; {where}")
