@@ -108,7 +108,8 @@ def teacher_and_student(tiny_data: dict, tmp_path_factory: pytest.TempPathFactor
 
 def distil_cfg(tiny_data: dict, pair: tuple[Path, Path], out: Path, **kw) -> DistilConfig:
     values = {**LOOP, "data": str(tiny_data["data"]), "teacher": str(pair[0]), "student": str(pair[1]), "out": str(out)}
-    return build_config(DistilConfig, {**values, "max_steps": 5, "eval_every": 0, **kw})
+    # these tests check the loss parts of DistilBERT's recipe (their tiny teachers carry no run.json of `train`)
+    return build_config(DistilConfig, {**values, "max_steps": 5, "eval_every": 0, "recipe": "distilbert", **kw})
 
 
 def test_frozen_teacher_is_unchanged(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
@@ -410,14 +411,50 @@ def test_cpu_threads_use_every_core_shared_by_local_processes(monkeypatch: pytes
 
 
 def test_alpha_cos_auto_is_on_with_a_teacher_and_off_with_a_cache() -> None:
-    base = {"data": "d", "out": "o", "student": "s"}
-    assert build_config(DistilConfig, {**base, "teacher": "t"}).alpha_cos == 1.0
-    assert build_config(DistilConfig, {**base, "teacher_cache": "c"}).alpha_cos == 0.0
-    assert build_config(DistilConfig, {**base, "teacher_cache": "c", "alpha_cos": 0.5}).alpha_cos == 0.5
-    with pytest.raises(ConfigError, match=r"alpha_cos: -2.0 is not allowed; use 0 or more, or -1 \(auto\)"):
+    base = {"data": "d", "out": "o", "student": "s", "recipe": "distilbert"}
+    assert build_config(DistilConfig, {**base, "teacher": "t"}).resolve(True).alpha_cos == 1.0
+    assert build_config(DistilConfig, {**base, "teacher_cache": "c"}).resolve(True).alpha_cos == 0.0
+    assert build_config(DistilConfig, {**base, "teacher_cache": "c", "alpha_cos": 0.5}).resolve(True).alpha_cos == 0.5
+    with pytest.raises(ConfigError, match=r"alpha_cos: -2.0 is not allowed; use 0 or more, or -1 \(the recipe's\)"):
         build_config(DistilConfig, {**base, "teacher": "t", "alpha_cos": -2})
     with pytest.raises(ConfigError, match="divergence: 'kl' is not one of forward, reverse, jsd"):
         build_config(DistilConfig, {**base, "teacher": "t", "divergence": "kl"})
+
+
+def test_recipe_auto_depends_on_where_the_teacher_comes_from(tmp_path: Path) -> None:
+    from distil_codegpt.distill.trainer import pretrained_teacher
+
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "run.json").write_text(json.dumps({"stage": "train"}))
+    (tmp_path / "imported").mkdir()
+    (tmp_path / "imported" / "run.json").write_text(json.dumps({"stage": "import"}))
+    assert not pretrained_teacher(str(tmp_path / "trained"))
+    assert pretrained_teacher(str(tmp_path / "imported")) and pretrained_teacher("HuggingFaceTB/SmolLM2-135M")
+    cfg = build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t"})
+    here, real = cfg.resolve(False), cfg.resolve(True)
+    assert (here.recipe, here.temperature, here.alpha_ce, here.alpha_clm, here.alpha_cos) == ("distilbert", 2, 5, 2, 1)
+    assert (real.recipe, real.temperature, real.alpha_ce, real.alpha_clm, real.alpha_cos) == ("logit", 1, 1, 0, 0)
+    explicit = build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "temperature": 3})
+    assert explicit.resolve(True).temperature == 3 and explicit.resolve(True).alpha_clm == 0
+    with pytest.raises(ConfigError, match="at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"):
+        build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "alpha_ce": 0}).resolve(
+            True
+        )
+
+
+def test_distil_records_the_resolved_recipe(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+    cfg = distil_cfg(tiny_data, teacher_and_student, tmp_path / "s", recipe="auto", max_steps=2)
+    run_distil(cfg)
+    recorded = json.loads((tmp_path / "s" / "run.json").read_text())["config"]
+    # the fixture's teacher was trained by `train` (its run.json says so): DistilBERT's recipe
+    got = (
+        recorded["recipe"],
+        recorded["temperature"],
+        recorded["alpha_ce"],
+        recorded["alpha_clm"],
+        recorded["alpha_cos"],
+    )
+    assert got == ("distilbert", 2.0, 5.0, 2.0, 1.0)
 
 
 @pytest.mark.parametrize("loss_chunk", [0, -1])

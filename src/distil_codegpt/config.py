@@ -227,6 +227,13 @@ class TrainConfig(LoopConfig):
     layers: int = opt(0, "override the preset's layer count (0 = the preset's)")
 
 
+# Defaults of the KD loss per recipe (DistilConfig.recipe, DistilConfig.resolve).
+RECIPES: dict[str, dict[str, float]] = {
+    "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0},
+    "logit": {"temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0},
+}
+
+
 @dataclass
 class DistilConfig(LoopConfig):
     """Knowledge distillation of a student from a teacher (frozen, or trained alongside)."""
@@ -235,40 +242,59 @@ class DistilConfig(LoopConfig):
     student: str = opt("", "initial student: HF dir (from `distil-codegpt student`)", required=True)
     teacher_cache: str = opt("", "teacher cache dir (`distil-codegpt cache-teacher`): KD with no teacher in memory")
     teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
-    temperature: float = opt(2.0, "softmax temperature T of the KD loss")
+    temperature: float = opt(-1.0, "softmax temperature T of the KD loss (-1 = the recipe's, see --recipe)")
     divergence: Literal["forward", "reverse", "jsd"] = opt(
         "forward", "KD divergence: forward KL(teacher||student), reverse KL(student||teacher), jsd (beta 0.5, as TRL)"
     )
-    alpha_ce: float = opt(5.0, "weight of the KD term, divergence(teacher_T, student_T) * T^2")
-    alpha_clm: float = opt(2.0, "weight of the student's causal-LM cross-entropy")
+    alpha_ce: float = opt(-1.0, "weight of the KD term, divergence(teacher_T, student_T) * T^2 (-1 = the recipe's)")
+    alpha_clm: float = opt(-1.0, "weight of the student's causal-LM cross-entropy (-1 = the recipe's)")
     alpha_cos: float = opt(
-        -1.0, "weight of (1 - cosine) between mapped hidden states (-1 = auto: 1 with --teacher, 0 with a cache)"
+        -1.0, "weight of (1 - cosine) between mapped hidden states (-1 = the recipe's; always 0 with a cache)"
+    )
+    recipe: Literal["auto", "distilbert", "logit"] = opt(
+        "auto",
+        "defaults of the loss weights left at -1: distilbert = T 2, ce 5, clm 2, cos 1 (DistilBERT/DistilGPT2); "
+        "logit = T 1, ce 1, clm 0, cos 0 (logit-only forward KL, as Minitron); auto = distilbert for a teacher "
+        "trained by this toolkit, logit for a pretrained one (measured: docs/REAL_TEACHER.md)",
     )
     alpha_mse: float = opt(0.0, "weight of the MSE between logits")
     cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
     teacher_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = same as lr)")
 
-    def __post_init__(self) -> None:
-        # The one place alpha_cos's auto value is resolved: a cache holds no hidden states, so an explicit
-        # alpha_cos > 0 with a cache still fails (with the fix), while the default just works.
-        if self.alpha_cos == -1:
-            self.alpha_cos = 0.0 if self.teacher_cache else 1.0
+    def resolve(self, pretrained_teacher: bool) -> DistilConfig:
+        """The one place the recipe's defaults are filled in (fields left at -1), once the teacher is known.
+
+        A cache holds no hidden states, so alpha_cos defaults to 0 there, while an explicit alpha_cos > 0 with a
+        cache still fails (with the fix)."""
+        name = self.recipe if self.recipe != "auto" else ("logit" if pretrained_teacher else "distilbert")
+        values = {k: v for k, v in RECIPES[name].items() if getattr(self, k) == -1}
+        if self.teacher_cache and self.alpha_cos == -1:
+            values["alpha_cos"] = 0.0
+        done = dataclasses.replace(self, recipe=name, **values)
+        _check(
+            done.alpha_ce + done.alpha_clm + done.alpha_cos + done.alpha_mse > 0,
+            "alpha_ce",
+            done.alpha_ce,
+            "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive",
+        )
+        return done
 
     def validate(self) -> None:
         super().validate()
         if not self.teacher_cache:
             _require(self.teacher, "teacher", "pass --teacher DIR or --teacher-cache DIR")
         _require(self.student, "student", "pass --student DIR (make one with `distil-codegpt student`)")
-        _check(self.temperature > 0, "temperature", self.temperature, "use a positive temperature")
-        for name in ("alpha_ce", "alpha_clm", "alpha_mse", "teacher_lr"):
+        for name in ("temperature", "alpha_ce", "alpha_clm", "alpha_cos"):
+            value = getattr(self, name)
+            positive = value > 0 if name == "temperature" else value >= 0
+            _check(
+                positive or value == -1,
+                name,
+                value,
+                ("use a positive value" if name == "temperature" else "use 0 or more") + ", or -1 (the recipe's)",
+            )
+        for name in ("alpha_mse", "teacher_lr"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
-        _check(self.alpha_cos >= 0, "alpha_cos", self.alpha_cos, "use 0 or more, or -1 (auto)")
-        _check(
-            self.alpha_ce + self.alpha_clm + self.alpha_cos + self.alpha_mse > 0,
-            "alpha_ce",
-            self.alpha_ce,
-            "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive",
-        )
         _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
 
 

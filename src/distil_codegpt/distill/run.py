@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,16 @@ from transformers import AutoModelForCausalLM
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainConfig, to_dict
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
-from distil_codegpt.distill.trainer import Runtime, Trainer, setup_runtime
+from distil_codegpt.distill.trainer import Runtime, Trainer, pretrained_teacher, setup_runtime
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import PRESETS, count_params, load_model, preset_config, save_model
+from distil_codegpt.model.presets import (
+    PRESETS,
+    count_params,
+    load_model,
+    preset_config,
+    resolve_model,
+    save_model,
+)
 from distil_codegpt.runinfo import write_manifest
 
 
@@ -91,6 +99,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if cfg.recipe == "auto":  # the loss defaults depend on where the teacher comes from
+        source = cfg.teacher or _cached_teacher(cfg.teacher_cache)
+        cfg = cfg.resolve(pretrained_teacher(resolve_model(source, role="teacher") if source else ""))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # the teacher first: a wrong teacher path fails before the student's weights are read
@@ -135,6 +146,14 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     if rt.main:
         write_manifest(out, "distil", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics
+
+
+def _cached_teacher(cache_dir: str) -> str:
+    """The teacher a cache was built from (cache.json), or "" when it cannot be read (the cache check says why)."""
+    try:
+        return json.loads((Path(cache_dir) / "cache.json").read_text()).get("teacher", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _open_cache(cfg: DistilConfig, student: torch.nn.Module) -> Any:

@@ -148,6 +148,10 @@ class Trainer:
         on_save: Callable[[], None] | None = None,
         teacher_cache: Any = None,
     ) -> None:
+        if isinstance(cfg, DistilConfig) and cfg.recipe == "auto":  # built directly, not through run_distil
+            source = teacher_cache.header.get("teacher", "") if teacher_cache is not None else ""
+            source = getattr(getattr(teacher, "config", None), "_name_or_path", "") or source
+            cfg = cfg.resolve(pretrained_teacher(source))
         self.cfg, self.rt, self.on_save = cfg, rt, on_save
         self.per_rank, self.micro = batch_split(cfg, rt.world)
         self.train_data = TokenShard(shard_dir, "train")
@@ -478,6 +482,17 @@ def _tensorboard(out: Path) -> Any:
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(out / "tensorboard"))
+
+
+def pretrained_teacher(source: str) -> bool:
+    """Whether a teacher is a pretrained model (imported, fetched, a hub id, any HF dir) rather than one this toolkit
+    trained from scratch or fine-tuned (`train`, as its run.json says): the two get different default KD recipes."""
+    manifest = Path(source).expanduser() / "run.json" if source else None
+    try:
+        stage = json.loads(manifest.read_text()).get("stage") if manifest and manifest.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    return stage != "train"
 
 
 def _log(log: Any, writer: Any, record: dict[str, Any]) -> None:
