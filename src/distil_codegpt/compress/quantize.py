@@ -25,7 +25,6 @@ will be removed) but is present and fast in torch 2.13; the warnings are silence
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,15 +44,6 @@ from distil_codegpt.serve.engine import ENGINE_FILE, TorchEngine, engine_kind, w
 ENGINE = "torch-int8"
 WEIGHTS_FILE = "model_int8.bin"  # torch.save of the state dict; .bin so that size-on-disk tools count it
 LIBRARY = "torch.ao.quantization.quantize_dynamic"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",  # sentencepiece (Llama, Mistral)
-    "added_tokens.json",
-)
 
 
 @contextmanager
@@ -132,20 +122,6 @@ def count_all_params(model: PreTrainedModel) -> int:
             weight, bias = m._weight_bias()
             n += weight.numel() + (bias.numel() if bias is not None else 0)
     return n - (model.get_input_embeddings().weight.numel() if embedding_is_head(model) else 0)
-
-
-def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
-    """Copy the tokenizer files a model directory carries (a hub id: save its tokenizer); returns the file names."""
-    from distil_codegpt.model.presets import looks_local
-
-    if not looks_local(str(src)):
-        return [Path(f).name for f in AutoTokenizer.from_pretrained(src).save_pretrained(out)]
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(out) / name)
-            copied.append(name)
-    return copied
 
 
 def save_int8(model: PreTrainedModel, out: str | Path, **details: Any) -> Path:

@@ -30,8 +30,9 @@ from distil_codegpt.compress.prune import (
     tokenizer_dir_of,
     unit_name,
 )
-from distil_codegpt.compress.quantize import LIBRARY, copy_tokenizer, quantize_int8, save_int8
+from distil_codegpt.compress.quantize import LIBRARY, quantize_int8, save_int8
 from distil_codegpt.config import CompressConfig, UserError, to_dict
+from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.evaluate.perf import disk_mb
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, load_model

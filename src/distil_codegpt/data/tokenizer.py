@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -157,6 +158,36 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not tok.is_fast:
         raise UserError(f"tokenizer: {p} holds a slow tokenizer; save a fast one (tokenizer.json) or {fix}")
     return tok
+
+
+# What a model directory carries of its tokenizer, for every family (sentencepiece's tokenizer.model too)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
+    """Put a model's tokenizer files next to another model (a student, an artifact) so that directory is
+    self-contained; a hub id has its tokenizer saved instead (none: nothing copied). Returns the file names."""
+    from distil_codegpt.model.presets import looks_local
+
+    if looks_local(str(src)):
+        files = [name for name in TOKENIZER_FILES if (Path(src).expanduser() / name).is_file()]
+        for name in files:
+            shutil.copyfile(Path(src).expanduser() / name, Path(out) / name)
+        return files
+    try:
+        AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    except (OSError, ValueError):  # a hub model without tokenizer files
+        return []
+    return [name for name in TOKENIZER_FILES if (Path(out) / name).is_file()]
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:

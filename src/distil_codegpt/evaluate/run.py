@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from distil_codegpt.compress.quantize import count_all_params, load_for_evaluation
 from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
 from distil_codegpt.data.line_completion import read_examples
-from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
 from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
@@ -28,8 +28,6 @@ from distil_codegpt.model.presets import looks_local, resolve_model
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
 from distil_codegpt.serve.engine import engine_kind, load_engine
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]:

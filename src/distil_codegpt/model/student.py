@@ -11,29 +11,19 @@ with no code of ours. Which blocks: fixed rules (uniform, first, last, a list) o
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from distil_codegpt.config import ConfigError, StudentConfig, UserError, to_dict
+from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb, resolve_model
 from distil_codegpt.runinfo import write_manifest
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 DATA_PICKS = ("influence", "angular")  # picks measured on dev windows of the teacher
 
@@ -122,21 +112,6 @@ def data_pick(cfg: StudentConfig, model: PreTrainedModel) -> tuple[list[int], li
 
     fn = influence_pick if cfg.pick == "influence" else angular_pick
     return fn(model, batches, cfg.layers)
-
-
-def copy_tokenizer(teacher: str, out: Path) -> list[str]:
-    """Put the teacher's tokenizer next to the student so the directory is self-contained; returns the files."""
-    if looks_local(teacher):
-        src = Path(teacher).expanduser()
-        files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-        for name in files:
-            shutil.copyfile(src / name, out / name)
-        return files
-    try:
-        AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
-    except (OSError, ValueError):  # a hub model without tokenizer files: the student still builds
-        return []
-    return [name for name in TOKENIZER_FILES if (out / name).is_file()]
 
 
 def build_student(cfg: StudentConfig) -> dict[str, Any]:
