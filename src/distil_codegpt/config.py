@@ -223,7 +223,10 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     """Causal-LM training of a model from scratch (a preset) or fine-tuning of an existing one."""
 
-    model: str = opt("tiny", "a preset (tiny, small-cpu, codegpt-small) to train from scratch, or an HF dir/hub id")
+    model: str = opt(
+        "tiny",
+        "a preset to train from scratch (tiny, small-cpu, codegpt-small, smollm2-135m...), or a model to fine-tune",
+    )
     layers: int = opt(0, "override the preset's layer count (0 = the preset's)")
 
 
@@ -443,13 +446,15 @@ class SweepConfig:
 class CompressConfig:
     """Make a model smaller for local use: lower-precision weights, int8 quantization, pruning."""
 
-    model: str = opt("", "model directory (HF GPT-2 family)", required=True)
+    model: str = opt("", "model directory (gpt2, llama, mistral, qwen2, gpt_neox)", required=True)
     out: str = opt("", "output artifact directory (loadable by evaluate, complete, serve)", required=True)
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "weight dtype of the saved model")
     quantize: Literal["none", "int8"] = opt(
         "none", "int8: dynamic quantization of every linear layer, LM head included"
     )
-    prune: str = opt("", "magnitude:FRACTION (global unstructured) or heads:N (the N least important heads)")
+    prune: str = opt(
+        "", "magnitude:FRACTION (global unstructured) or heads:N (the N least important heads; KV groups with GQA)"
+    )
     heal_steps: int = opt(0, "after pruning: this many KD steps from the unpruned model (needs --data)")
     data: str = opt("", "corpus directory for healing and for head-importance scores")
 
@@ -476,7 +481,7 @@ class CompressConfig:
 class ExportConfig:
     """Export a model to a fast local inference engine."""
 
-    model: str = opt("", "model directory (HF GPT-2 family)", required=True)
+    model: str = opt("", "model directory (gpt2, llama, mistral, qwen2)", required=True)
     out: str = opt("", "output artifact directory", required=True)
     format: Literal["ctranslate2", "onnx"] = opt("ctranslate2", "target engine")
     quantize: Literal["none", "int8"] = opt("none", "int8 weights in the exported engine")
