@@ -1,3 +1,3 @@
-"""distil-codegpt: distil decoder-only code-completion models (GPT-2, Llama, Qwen2, GPT-NeoX) into small, fast students."""
+"""distil-codegpt: distil decoder-only code models (GPT-2, Llama, Qwen2, GPT-NeoX) into small, fast students."""
 
 __version__ = "0.1.0"

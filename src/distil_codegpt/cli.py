@@ -223,7 +223,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: str | None = N
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distil-codegpt",
-        description="Distil code-completion models (GPT-2, Llama, Qwen2, GPT-NeoX) into small, fast students; measure what each step gives.",
+        description="Distil code models (GPT-2, Llama, Qwen2, GPT-NeoX) into small, fast students; measure each step.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
