@@ -372,7 +372,7 @@ def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_pat
     parts = t.train_step()
     with torch.no_grad():
         logits = reference(input_ids=b.x).logits
-    expected = sparse_kd_loss(logits, SparseTargets(b.ids, b.logp, b.tail), b.y, cfg.temperature)
+    expected = sparse_kd_loss(logits, SparseTargets(b.ids, b.logp, b.tail), b.y, t.cfg.temperature)
     assert parts["kd"] == pytest.approx(expected.item(), rel=1e-5)
     assert t.teacher is None
 
@@ -475,7 +475,7 @@ def test_kd_term_is_the_configured_divergence(
     x, y = t._batch(0)
     with torch.no_grad():
         s_logits, t_logits = student(input_ids=x).logits, teacher(input_ids=x).logits
-    expected = kd_loss(s_logits, t_logits, y, cfg.temperature, divergence)
+    expected = kd_loss(s_logits, t_logits, y, t.cfg.temperature, divergence)
     assert t.train_step()["kd"] == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -230,6 +230,7 @@ class TrainConfig(LoopConfig):
     layers: int = opt(0, "override the preset's layer count (0 = the preset's)")
 
 
+ALL_ZERO = "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"
 # Defaults of the KD loss per recipe (DistilConfig.recipe, DistilConfig.resolve).
 RECIPES: dict[str, dict[str, float]] = {
     "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0},
@@ -264,6 +265,10 @@ class DistilConfig(LoopConfig):
     cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
     teacher_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = same as lr)")
 
+    def resolved(self) -> bool:
+        """Whether every recipe-dependent weight holds a value (no -1 left) and the recipe is named."""
+        return self.recipe != "auto" and all(getattr(self, k) != -1 for k in RECIPES["logit"])
+
     def resolve(self, pretrained_teacher: bool) -> DistilConfig:
         """The one place the recipe's defaults are filled in (fields left at -1), once the teacher is known.
 
@@ -275,10 +280,7 @@ class DistilConfig(LoopConfig):
             values["alpha_cos"] = 0.0
         done = dataclasses.replace(self, recipe=name, **values)
         _check(
-            done.alpha_ce + done.alpha_clm + done.alpha_cos + done.alpha_mse > 0,
-            "alpha_ce",
-            done.alpha_ce,
-            "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive",
+            done.alpha_ce + done.alpha_clm + done.alpha_cos + done.alpha_mse > 0, "alpha_ce", done.alpha_ce, ALL_ZERO
         )
         return done
 
@@ -298,6 +300,9 @@ class DistilConfig(LoopConfig):
             )
         for name in ("alpha_mse", "teacher_lr"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        weights = (self.alpha_ce, self.alpha_clm, self.alpha_cos, self.alpha_mse)
+        if -1 not in weights:  # all given: check now (else once the recipe fills them in, `resolve`)
+            _check(sum(weights) > 0, "alpha_ce", self.alpha_ce, ALL_ZERO)
         _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
 
 

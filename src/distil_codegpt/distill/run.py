@@ -99,7 +99,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if cfg.recipe == "auto":  # the loss defaults depend on where the teacher comes from
+    if not cfg.resolved():  # the loss defaults depend on where the teacher comes from
         source = cfg.teacher or _cached_teacher(cfg.teacher_cache)
         cfg = cfg.resolve(pretrained_teacher(resolve_model(source, role="teacher") if source else ""))
     out = Path(cfg.out)

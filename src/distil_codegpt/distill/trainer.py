@@ -148,7 +148,7 @@ class Trainer:
         on_save: Callable[[], None] | None = None,
         teacher_cache: Any = None,
     ) -> None:
-        if isinstance(cfg, DistilConfig) and cfg.recipe == "auto":  # built directly, not through run_distil
+        if isinstance(cfg, DistilConfig) and not cfg.resolved():  # built directly, not through run_distil
             source = teacher_cache.header.get("teacher", "") if teacher_cache is not None else ""
             source = getattr(getattr(teacher, "config", None), "_name_or_path", "") or source
             cfg = cfg.resolve(pretrained_teacher(source))
