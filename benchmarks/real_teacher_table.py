@@ -47,7 +47,7 @@ def main() -> None:
             f"| {m['samples_per_s']:.3f} |"
         )
     print()
-    print("| distil run | steps | tokens | seconds | tokens/s | dev loss at start | dev loss at end | recipe |")
+    print("| distil run | steps | tokens | seconds | tokens/s | dev loss at start | dev loss at end | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for d in sorted((run / "kd").iterdir()) if (run / "kd").is_dir() else []:
         if not (d / "run.json").is_file():
@@ -55,7 +55,7 @@ def main() -> None:
         r = json.loads((d / "run.json").read_text())
         m, c = r["metrics"], r["config"]
         weights = f"T {c['temperature']:g}, ce {c['alpha_ce']:g}, clm {c['alpha_clm']:g}, cos {c['alpha_cos']:g}"
-        recipe = f"{c.get('recipe')}: {weights}"
+        recipe = weights
         if c.get("teacher_mode") == "train":
             recipe += ", in-training"
         if c.get("teacher_cache"):
