@@ -64,8 +64,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     tok = model_tokenizer(cfg.model)
     kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
     if kind not in ("torch", "torch-int8"):
-        if cfg.context:
-            raise ConfigError(f"context: {cfg.context}; an exported engine uses its full context, pass --context 0")
         return _evaluate_engine(cfg, examples, tok, t0)
     if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
         raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
@@ -103,6 +101,8 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
     if cfg.beam != 1:
         raise ConfigError(f"beam: {cfg.beam}; exported engines are evaluated greedily here, use --beam 1")
     engine = load_engine(cfg.model)
+    if cfg.context:  # the same positions as a PyTorch model evaluated with --context: inputs keep their last tokens
+        engine.context = min(engine.context, cfg.context)
     inputs = [ex.input for ex in examples]
     start = time.perf_counter()
     preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens)
