@@ -32,6 +32,12 @@ GPT2_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# the test shape of the families with grouped KV heads: 2 KV heads shared by 4 query heads
+TINY_GQA: dict[str, Any] = {
+    **{"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "context": 256},
+    "tie_word_embeddings": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs on CPU: seconds per step, nothing to learn from the numbers
     "tiny": {"family": "gpt2", "layers": 2, "width": 64, "heads": 2, "context": 256, **GPT2_DEFAULTS},
@@ -40,26 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # microsoft/CodeGPT-small-py = GPT-2 124M (https://huggingface.co/microsoft/CodeGPT-small-py/blob/main/config.json)
     "codegpt-small": {"family": "gpt2", "layers": 12, "width": 768, "heads": 12, "context": 1024, **GPT2_DEFAULTS},
     # the other families at test size: grouped KV heads (2 per 4 query heads) where the family has them
-    "tiny-llama": {
-        "family": "llama",
-        "layers": 2,
-        "width": 64,
-        "heads": 4,
-        "kv_heads": 2,
-        "ffn": 128,
-        "context": 256,
-        "tie_word_embeddings": True,
-    },
-    "tiny-qwen2": {
-        "family": "qwen2",
-        "layers": 2,
-        "width": 64,
-        "heads": 4,
-        "kv_heads": 2,
-        "ffn": 128,
-        "context": 256,
-        "tie_word_embeddings": True,
-    },
+    "tiny-llama": {"family": "llama", **TINY_GQA},
+    "tiny-qwen2": {"family": "qwen2", **TINY_GQA},
     "tiny-neox": {
         "family": "gpt_neox",
         "layers": 2,
