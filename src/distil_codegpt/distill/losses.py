@@ -267,7 +267,7 @@ def cosine_loss(
         if s.size(-1) != t.size(-1):
             raise ValueError(
                 f"student hidden size {s.size(-1)} != teacher hidden size {t.size(-1)}: cosine needs equal widths; "
-                "build the student with the teacher's n_embd, or set alpha_cos=0"
+                "build the student with the teacher's width, or set alpha_cos=0"
             )
         s_rows, t_rows = _unmasked_rows(labels, s, t.detach())
         losses.append(_token_mean(1.0 - F.cosine_similarity(s_rows, t_rows, dim=-1)))

@@ -263,7 +263,7 @@ class Trainer:
     def _hidden_pairs(self, s_out: Any, t_out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Student/teacher hidden states to match: the last (after the final norm), or every student layer's mapped
         one."""
-        s_hs, t_hs = s_out.hidden_states, t_out.hidden_states  # each (n_layer + 1) x (B, T, H)
+        s_hs, t_hs = s_out.hidden_states, t_out.hidden_states  # each (depth + 1) x (B, T, H)
         if self.cfg.cos_layers == "last":
             return [s_hs[-1]], [t_hs[-1].detach()]
         mapping = getattr(self.student.config, "distil_layer_map", None)
