@@ -229,10 +229,18 @@ def raw_framing(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
         return [bos], [eos]
     if bos is not None and tok("x", add_special_tokens=True)["input_ids"][:1] == [bos]:
         return [bos], [eos] if eos is not None else []
-    sep = tok.convert_tokens_to_ids(DOC_SEPARATOR) if DOC_SEPARATOR in tok.get_vocab() else None
+    sep = separator_id(tok)
     if sep is not None:
         return [sep], []
     return ([eos] if eos is not None else []), []
+
+
+def separator_id(tok: PreTrainedTokenizerBase) -> int | None:
+    """The id of `<|endoftext|>`, or None; a lookup in the Rust vocabulary (get_vocab() builds a dict of all)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.token_to_id(DOC_SEPARATOR)
+    return tok.get_vocab().get(DOC_SEPARATOR)
 
 
 def end_ids(tok: PreTrainedTokenizerBase) -> set[int]:
@@ -240,8 +248,8 @@ def end_ids(tok: PreTrainedTokenizerBase) -> set[int]:
     template's turn markers such as SmolLM2's `<|im_start|>`, repository and file markers). None of them is code."""
     ids = {i for i in (tok.eos_token_id,) if i is not None} | set(tok.all_special_ids)
     ids |= {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    if DOC_SEPARATOR in tok.get_vocab():
-        ids.add(tok.convert_tokens_to_ids(DOC_SEPARATOR))
+    if (sep := separator_id(tok)) is not None:
+        ids.add(sep)
     return ids | set(raw_framing(tok)[1])
 
 

@@ -81,10 +81,11 @@ def is_raw(text: str) -> bool:
 def encode_inputs(tok: PreTrainedTokenizerBase, inputs: list[str], max_len: int) -> list[list[int]]:
     """Ids of each input (bos in front of raw ones), keeping only the last `max_len` ids of a longer one."""
     encoded = tok(inputs, add_special_tokens=False)["input_ids"]
+    before = raw_framing(tok)[0]
     out = []
     for text, ids in zip(inputs, encoded):
         if is_raw(text):
-            ids = [*raw_framing(tok)[0], *ids]
+            ids = [*before, *ids]
         out.append(ids[-max_len:])
     return out
 
