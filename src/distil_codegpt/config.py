@@ -34,6 +34,7 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+PRECISION_HELP = "auto = bf16 autocast on CUDA or a CPU with AVX-512 BF16/AMX, else fp32 (losses stay fp32)"
 DEFAULT_EXCLUDES = [".*", "__pycache__", "site-packages", "dist-packages", "node_modules"]
 
 
@@ -195,7 +196,7 @@ class LoopConfig:
     save_every: int = opt(200, "checkpoint every N steps (0 = only at the end)")
     log_every: int = opt(10, "metrics.jsonl line every N steps")
     resume: bool = opt(False, "continue exactly from OUT/checkpoints/last")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
     compile: bool = opt(False, "torch.compile the model(s) (measured: see docs/PERFORMANCE.md)")
     pad_vocab: int = opt(0, "pad the LM head in memory to a multiple of this (0 = 64 on CUDA, off on CPU; 1 = off)")
     loss_chunk: int = opt(-1, "tokens per chunk of the lean LM-head loss (-1 = auto, ~16 MB of logits; 0 = plain)")
@@ -321,7 +322,7 @@ class CacheTeacherConfig:
     batch_size: int = opt(8, "windows per teacher forward")
     max_windows: int = opt(0, "cache only the first N windows of the train split (0 = all)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the teacher runs")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 autocast on CUDA")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
 
     def validate(self) -> None:
@@ -349,7 +350,7 @@ class EvaluateConfig:
     tokens: str = opt("", "token-completion file (e.g. DATA/test.txt) for perplexity (empty = skip)")
     latency_samples: int = opt(50, "examples for the batch-1 latency percentiles (0 = skip)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 on CUDA")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
     seed: int = opt(0, "seed (decoding is deterministic; kept for the manifest)")
 
@@ -429,7 +430,7 @@ class SweepConfig:
     beam: int = opt(1, "beam width (CodeXGLUE's pipeline: 5)")
     # Environment
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = fp32 on CPU, bf16 on CUDA")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
     threads: int = opt(0, "CPU threads (0 = all cores)")
 
     def validate(self) -> None:

@@ -25,6 +25,7 @@ from distil_codegpt.model.presets import (
     save_model,
 )
 from distil_codegpt.runinfo import write_manifest
+from distil_codegpt.runtime import precision_name
 
 
 def _tokenizer_dir(cfg: LoopConfig, *model_dirs: str) -> str:
@@ -91,7 +92,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     params = count_params(model)  # before the trainer pads the head
     trainer = Trainer(cfg, rt, model, shard_dir, on_save=_saver(model, tokenizer, out))
     metrics = trainer.fit()
-    metrics.update(params=params, device=str(rt.device), processes=rt.world)
+    metrics.update(params=params, device=str(rt.device), precision=precision_name(rt.dtype), processes=rt.world)
     if rt.main:
         write_manifest(out, "train", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics
@@ -143,6 +144,7 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, on_save=save, teacher_cache=cache)
     metrics = trainer.fit()
     metrics.update(params=params, teacher_params=teacher_params, device=str(rt.device), processes=rt.world)
+    metrics["precision"] = precision_name(rt.dtype)  # what `auto` picked on this machine
     if rt.main:
         write_manifest(out, "distil", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics

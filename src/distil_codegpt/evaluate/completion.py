@@ -134,7 +134,7 @@ def complete(
         inputs: normalised inputs (`<s> tok tok ...`) or raw source text, mixed freely.
         batch_size: inputs decoded together; the output does not depend on it.
         max_new_tokens: longest completion in tokens; inputs are cut to the context minus this.
-        autocast_dtype: bf16/fp16 autocast on CUDA (None = the model's own dtype).
+        autocast_dtype: bf16 (CUDA or CPU) or fp16 (CUDA) autocast; None = the model's own dtype.
         stops: precomputed `StopIds.of(tok)`, to save the vocabulary pass on repeated calls.
     Returns:
         completions without line breaks (normalised: stripped; raw: right-stripped).
@@ -151,7 +151,7 @@ def complete(
     ids = encode_inputs(tok, inputs, context - max_new_tokens)
     order = sorted(range(len(inputs)), key=lambda i: -len(ids[i]))  # longest first (see _Greedy)
     out: list[str] = [""] * len(inputs)
-    amp = device.type == "cuda" and autocast_dtype is not None
+    amp = autocast_dtype is not None
     bar = tqdm(total=len(inputs), desc="complete", unit="ex", disable=not progress)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
         if beam == 1:

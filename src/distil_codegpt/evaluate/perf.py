@@ -122,7 +122,7 @@ def perplexity(
     tail = [w for w in windows if 2 <= len(w) < seq_len]  # the last window, when shorter
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + ([tail] if tail else [])
     total, count = 0.0, 0
-    amp = device.type == "cuda" and autocast_dtype is not None
+    amp = autocast_dtype is not None
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
         for batch in batches:
             x = torch.tensor(batch, dtype=torch.long, device=device)  # (B, T)

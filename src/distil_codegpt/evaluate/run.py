@@ -65,6 +65,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
     if kind not in ("torch", "torch-int8"):
         return _evaluate_engine(cfg, examples, tok, t0)
+    if kind == "torch-int8" and cfg.precision == "auto":
+        amp = None  # int8 kernels take fp32 activations: auto means fp32 here, whatever the CPU
     if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
         raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
     model = load_for_evaluation(cfg.model)[0].to(device).eval()
