@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 from distil_codegpt.config import StudentConfig, UserError, build_config
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.model.presets import preset_config
-from distil_codegpt.serve.complete import Completer, read_cursor, scan_end_state
+from distil_codegpt.serve.complete import Completer, Job, read_cursor, scan_end_state
 from distil_codegpt.serve.engine import Engine, TorchEngine, load_engine
 
 UNFINISHED = {
@@ -108,7 +108,7 @@ def test_greedy_completion_matches_the_engine_tokens(engine: TorchEngine) -> Non
     """Normalised mode: the completion is the de-normalised text of exactly the ids the engine produced."""
     c = Completer(engine)
     code = "import os\nx = "
-    prompt = c._prompt(code, 10)
+    prompt = c._prompt(Job(code, max_tokens=10))
     ids = engine.generate(prompt.ids, 10, c.stop_ids)
     text = engine.tokenizer.decode(ids)
     from distil_codegpt.data.denormalize import denormalize_token, format_line
@@ -120,7 +120,7 @@ def test_greedy_completion_matches_the_engine_tokens(engine: TorchEngine) -> Non
 def test_stream_pieces_join_to_the_completion(engine: TorchEngine) -> None:
     c = Completer(engine)
     for code in ("x = foo(a, ", "import os\npath = os.pa", "for i in range("):
-        assert "".join(c.stream(code, 16)) == c.complete(code, 16).text
+        assert "".join(c.stream(Job(code, max_tokens=16))) == c.complete(code, 16).text
 
 
 def test_stop_strings_cut_the_completion(engine: TorchEngine) -> None:
@@ -245,7 +245,7 @@ def test_raw_teacher_completion_is_the_engines_greedy_line(raw_engine: Engine) -
         result = c.complete(prompt, 12)
         assert result.text == line_of(tok, ids), prompt
         assert result.finish_reason == ("stop" if "\n" in tok.decode(ids) else "length")
-        assert "".join(c.stream(prompt, 12)) == result.text
+        assert "".join(c.stream(Job(prompt, max_tokens=12))) == result.text
         assert "\n" not in result.text and not any(t in result.text for t in SPECIALS)
         breaks = [t for t in (tok.decode([i]) for i in ids) if "\n" in t]
         cut_inside |= bool(breaks) and not breaks[0].startswith("\n")
@@ -254,7 +254,7 @@ def test_raw_teacher_completion_is_the_engines_greedy_line(raw_engine: Engine) -
 
 def test_raw_prompt_is_framed_by_the_separator_not_the_chat_bos(raw_engine: Engine) -> None:
     tok = raw_engine.tokenizer
-    ids = Completer(raw_engine)._prompt("def f(x):\n    return ", 8).ids
+    ids = Completer(raw_engine)._prompt(Job("def f(x):\n    return ", max_tokens=8)).ids
     assert ids[0] == tok.convert_tokens_to_ids("<|endoftext|>") and tok.bos_token_id not in ids
     assert tok.decode(ids[1:]) == "def f(x):\n    return "
 

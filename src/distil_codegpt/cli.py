@@ -176,7 +176,7 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "compress": (CompressConfig, _compress, "smaller weights for local use: fp16/bf16, int8 quantization, pruning"),
     "export": (ExportConfig, _export, "export to a fast local engine (CTranslate2)"),
     "complete": (CompleteConfig, _complete, "complete the current line of real code (FILE[:LINE[:COL]] or stdin)"),
-    "serve": (ServeConfig, _serve, "OpenAI-style /v1/completions over HTTP for editor plugins (loopback)"),
+    "serve": (ServeConfig, _serve, "completions for editors over HTTP: OpenAI, llama.cpp and Ollama APIs (loopback)"),
     "import": (ImportConfig, _import, "GGUF file (llama.cpp) -> plain HF model dir: dequantised weights, tokenizer"),
     "fetch-teacher": (
         FetchTeacherConfig,

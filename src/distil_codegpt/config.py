@@ -518,7 +518,8 @@ class CompleteConfig:
 
 @dataclass
 class ServeConfig:
-    """Serve completions over HTTP (OpenAI-style /v1/completions) for editor plugins."""
+    """Serve completions over HTTP to editor plugins: OpenAI /v1/completions, llama.cpp /infill and /completion,
+    Ollama /api/generate; any model name is served."""
 
     model: str = opt("", "model directory or compressed/exported artifact", required=True)
     host: str = opt("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes it to the network)")
@@ -528,12 +529,33 @@ class ServeConfig:
     max_tokens_limit: int = opt(256, "largest max_tokens a request may ask for")
     queue_size: int = opt(32, "requests waiting for the model at most (more: 503)")
     device: Literal["cpu", "cuda"] = opt("cpu", "where the PyTorch engines run")
+    cache_slots: int = opt(
+        2,
+        "prompts whose KV cache is kept (a new prompt reads only what follows the longest "
+        "common prefix; each slot holds up to the context's keys and values); 0 = off",
+    )
+    fim: str = opt(
+        "none",
+        "fill-in-the-middle template the model was trained with (starcoder, qwen, codellama, "
+        "deepseek, codestral, codegeex); none = complete the prefix, the suffix cuts the answer",
+    )
+    max_lines: int = opt(1, "lines a completion may span (raw-mode models); 1 = the rest of the cursor's line")
+    max_predict_ms: int = opt(
+        0,
+        "after this many ms of generation, end at the next line break (a request's "
+        "t_max_predict_ms wins); 0 = no deadline",
+    )
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
         _check(0 < self.port < 65536, "port", self.port, "use a port in 1..65535")
-        for name in ("max_prompt_chars", "max_tokens_limit", "queue_size"):
+        for name in ("max_prompt_chars", "max_tokens_limit", "queue_size", "max_lines"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("cache_slots", "max_predict_ms"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 (off) or more")
+        from distil_codegpt.serve.fim import TEMPLATES
+
+        _check(self.fim in ("none", *TEMPLATES), "fim", self.fim, f"use none or one of {', '.join(TEMPLATES)}")
 
 
 @dataclass

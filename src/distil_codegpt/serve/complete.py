@@ -17,6 +17,7 @@ a note says so. Nothing here raises on odd code: the worst case is an empty comp
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,9 @@ from distil_codegpt.data.normalize import (
 from distil_codegpt.data.tokenizer import raw_framing, tokenizer_meta
 from distil_codegpt.evaluate.completion import StopIds
 from distil_codegpt.serve.engine import Engine
+from distil_codegpt.serve.fim import MARKERS, next_suffix_line, suffix_overlap
+from distil_codegpt.serve.fim import build_prompt as build_fim_prompt
+from distil_codegpt.serve.fim import template_for as fim_template
 
 _STRING_START = re.compile(r"(?i:[rbuft]{0,2})('''|\"\"\"|'|\")")
 _TRAILING_NAME = re.compile(r"[^\W\d]\w*$")
@@ -43,6 +47,23 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (end of line, end of text, or a stop string) | "length"
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One completion request, whichever protocol it came by: the code around the cursor and the limits."""
+
+    prefix: str  # the code before the cursor
+    suffix: str = ""  # the code after it: cuts a completion that would repeat it
+    extra: list[tuple[str, str]] = field(default_factory=list)  # (file name, text) of other files, read first
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_lines: int = 1  # raw mode: lines a completion may span (the cursor's line is the first)
+    predict_ms: float = 0.0  # after this many ms of generation, end at the next line break (0: no deadline)
+    min_indent: int = 0  # a later line indented less than this ends the completion (llama.cpp's n_indent)
 
 
 def scan_end_state(code: str) -> tuple[str, int, str]:
@@ -90,12 +111,26 @@ class _Prompt:
     space_typed: bool = False  # the code ends with a space: the completion does not start with one
     healed: str = ""  # text cut from the prompt that the new text must start with (token healing)
     allowed: frozenset[int] | None = None  # ids the first new token may take
+    truncated: bool = False  # the start of the code (or of the extra context) did not fit the context
+
+
+@dataclass
+class _End:
+    """A completion's text so far and what ended it: None while it may grow, else a `stop_type`."""
+
+    text: str = ""
+    why: str | None = None
+    word: str = ""  # the stop string that ended it
 
 
 class Completer:
-    """Completes raw code with an engine; knows from the tokenizer whether the model was trained normalised."""
+    """Completes raw code with an engine; knows from the tokenizer whether the model was trained normalised.
 
-    def __init__(self, engine: Engine) -> None:
+    `fim` names the fill-in-the-middle template the model was trained with (serve/fim.py); with none, the model
+    completes the prefix and the suffix only cuts the answer.
+    """
+
+    def __init__(self, engine: Engine, fim: str = "none") -> None:
         self.engine, self.tok = engine, engine.tokenizer
         meta = tokenizer_meta(engine.path) or {}
         self.mode = meta.get("format") or ("codexglue" if EOL in self.tok.get_vocab() else "raw")
@@ -108,6 +143,7 @@ class Completer:
         self.texts = self.tok.batch_decode(
             [[i] for i in range(len(self.tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
+        self.fim = None if fim == "none" else fim_template(fim, set(self.texts))
         stops = StopIds.of(self.tok)
         ends = set(stops.ends)  # every special token (`end_ids`)
         # raw mode stops at the first line break in the decoded text (`stream`), not at the ids that hold one:
@@ -129,14 +165,36 @@ class Completer:
         )
         return (text[: -len(healed)], healed, allowed) if allowed else (text, "", None)
 
-    def _prompt(self, code: str, max_tokens: int) -> _Prompt | None:
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def _raw_prompt(self, job: Job, room: int) -> _Prompt:
+        """The code as the model saw documents in training (a real teacher: `<|endoftext|>` in front), the other
+        files first as documents of their own; the end of the file always fits, the extra context takes what is
+        left (its most recent files first)."""
+        head = raw_framing(self.tok)[0]
+        if self.fim is not None:  # the model's own template: the suffix and the context are in the prompt
+            ids = head + self._encode(build_fim_prompt(self.fim, job.prefix, job.suffix[: 4 * room], job.extra))
+            return _Prompt(ids[-room:], [], "", "", [], truncated=len(ids) > room)
+        m = _TRAILING_NAME.search(job.prefix) if scan_end_state(job.prefix)[0] == "code" else None
+        text, healed, allowed = self._heal(job.prefix, m.group(0) if m else "")
+        ids = head + self._encode(text)
+        truncated = len(ids) > room
+        ids = ids[-room:]
+        for name, chunk in reversed(job.extra):
+            doc = head + self._encode(f"# {name}\n{chunk}\n" if name else f"{chunk}\n")
+            if len(doc) + len(ids) > room:
+                truncated = True
+                break
+            ids = doc + ids
+        return _Prompt(ids, [], "", "", [], healed=healed, allowed=allowed, truncated=truncated)
+
+    def _prompt(self, job: Job) -> _Prompt | None:
         notes: list[str] = []
-        room = max(self.engine.context - max_tokens, 1)
-        if self.mode == "raw":  # framed as the model saw documents in training (a real teacher: `<|endoftext|>`)
-            m = _TRAILING_NAME.search(code) if scan_end_state(code)[0] == "code" else None
-            text, healed, allowed = self._heal(code, m.group(0) if m else "")
-            ids = raw_framing(self.tok)[0] + self.tok.encode(text, add_special_tokens=False)
-            return _Prompt(ids[-room:], [], "", "", notes, healed=healed, allowed=allowed)
+        room = max(self.engine.context - job.max_tokens, 1)
+        if self.mode == "raw":
+            return self._raw_prompt(job, room)
+        code = job.prefix
         state, start, quote = scan_end_state(code)
         if state == "comment":
             return None
@@ -156,18 +214,18 @@ class Completer:
             tokens.append(normalize_string(" ".join(closed.split()), self.literals))
         line = tokens[len(tokens) - tokens[::-1].index(EOL) :] if EOL in tokens else list(tokens)
         text, healed, allowed = self._heal(" ".join([BOS, *tokens] + ([word] if word else [])), word)
-        ids = self.tok.encode(text, add_special_tokens=False)[-room:]
+        ids = self._encode(text)
         space_typed = code.endswith((" ", "\t"))
-        return _Prompt(ids, line, word, lead, notes, space_typed, healed, allowed)
+        return _Prompt(ids[-room:], line, word, lead, notes, space_typed, healed, allowed, len(ids) > room)
 
     # ------------------------------------------------------------ turning new text back into code
 
     def _render(self, p: _Prompt, new_text: str, final: bool, notes: list[str] | None) -> str:
-        """The completion text for the model's new text so far (raw: up to the line break)."""
+        """The completion text for the model's new text so far (raw: as it is, lines are cut by `_lines`)."""
         if p.healed:  # the new text starts with the cut word; without that, the model did not agree with it
             new_text = new_text[len(p.healed) :] if new_text.startswith(p.healed) else ""
-        if self.mode == "raw":  # trailing blanks wait until more text (or nothing) follows them
-            return new_text.split("\n", 1)[0].split("\r", 1)[0].rstrip()
+        if self.mode == "raw":
+            return new_text
         toks = (p.word + new_text).split()
         if not final and toks and not new_text.endswith(" "):
             toks = toks[:-1]  # the last token may still grow
@@ -188,64 +246,103 @@ class Completer:
             suffix = suffix.lstrip(" ")
         return p.lead + suffix
 
+    @staticmethod
+    def _lines(text: str, job: Job, final: bool, late: bool) -> _End:
+        """Raw text cut to the job's lines: at most `max_lines`, only one once `late` (past the deadline) or when
+        the cursor's line goes on after it, and never a later line that is indented less than `min_indent` or that
+        repeats the next line of the suffix. Trailing blanks wait until more text (or nothing) follows them."""
+        parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        limit = 1 if job.suffix.split("\n", 1)[0].strip() else job.max_lines
+        again = next_suffix_line(job.suffix)
+        kept: list[str] = []
+        for i, line in enumerate(parts):
+            ended = i < len(parts) - 1  # a line break follows it
+            if i and line.strip() and len(line) - len(line.lstrip()) < job.min_indent:
+                return _End("\n".join(kept), "indent")
+            if i and again and (ended or final) and line.strip() == again:
+                return _End("\n".join(kept), "suffix")
+            kept.append(line.rstrip())
+            if ended and (len(kept) >= limit or late):
+                return _End("\n".join(kept), "eol")
+        return _End("\n".join(kept))
+
     # ------------------------------------------------------------ public
 
-    def stream(
-        self,
-        prompt: str,
-        max_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        result: dict[str, Any] | None = None,
-    ) -> Iterator[str]:
-        """Text pieces of the completion, as the model produces them; ends at the end of the line or a stop.
+    def stream(self, job: Job, result: dict[str, Any] | None = None) -> Iterator[str]:
+        """Text pieces of the completion, as the model produces them; ends at the end of the line(s) or a stop.
 
-        `result`, when given, is filled as the stream runs: finish_reason ("stop" | "length"), notes,
-        prompt_tokens and completion_tokens (final once the stream is exhausted).
+        `result`, when given, is filled as the stream runs: finish_reason ("stop" | "length"), stop_type ("eol",
+        "eos", "word", "limit", "suffix", "indent"), stopping_word, notes, prompt_tokens, cached_tokens,
+        completion_tokens, truncated, prompt_ms and predict_ms (final once the stream is exhausted).
         """
         result = result if result is not None else {}
-        result.update(finish_reason="stop", notes=[], completion_tokens=0, prompt_tokens=0)
-        p = self._prompt(prompt, max_tokens)
+        result.update(finish_reason="stop", stop_type="eos", stopping_word="", notes=[], completion_tokens=0)
+        result.update(prompt_tokens=0, cached_tokens=0, truncated=False, prompt_ms=0.0, predict_ms=0.0)
+        p = self._prompt(job)
         if p is None:
             result["notes"].append("the cursor is inside a comment: a normalised model does not write comments")
             return
         result["notes"] += p.notes
-        result["prompt_tokens"] = len(p.ids)
-        stops = [s for s in (stop or []) if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # never send the start of a stop string
-        sent, ids = "", []
-        kw: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        result.update(prompt_tokens=len(p.ids), truncated=p.truncated)
+        stops = [s for s in job.stop if s] + list(MARKERS)
+        # never send the start of a stop string, nor what the suffix may prove a repeat of
+        hold = max(max(len(s) for s in stops) - 1, len(job.suffix.split("\n", 1)[0].strip()))
+        sent, ids, end = "", [], _End()
+        kw: dict[str, Any] = {"temperature": job.temperature, "top_p": job.top_p, "seed": job.seed}
         if p.allowed:
             kw["first_allowed"] = p.allowed
-        for i in self.engine.stream(p.ids, max_tokens, self.stop_ids, **kw):
+        t0 = time.perf_counter()
+        first = None
+        for i in self.engine.stream(p.ids, job.max_tokens, self.stop_ids, **kw):
+            first = first or time.perf_counter()
             ids.append(i)
-            new_text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            done = self.mode == "raw" and ("\n" in new_text or "\r" in new_text)
-            text = self._render(p, new_text, done, None)
-            cut = _first_stop(text, stops)
-            if cut is not None or done:
+            end = self._cut(p, job, stops, ids, first, final=False)
+            if end.why is not None:
                 break
-            ready = text[: len(text) - hold] if hold else text
+            ready = end.text[: len(end.text) - hold] if hold else end.text
             if ready.startswith(sent) and len(ready) > len(sent):
                 yield ready[len(sent) :]
                 sent = ready
-        else:
-            if len(ids) >= max_tokens:
-                result["finish_reason"] = "length"
+        now = time.perf_counter()
+        result.update(prompt_ms=1000 * ((first or now) - t0), predict_ms=1000 * (now - (first or now)))
+        result["cached_tokens"] = getattr(self.engine, "cached_tokens", 0)
+        limit = end.why is None and len(ids) >= job.max_tokens
+        end = self._cut(p, job, stops, ids, first, final=True, notes=result["notes"])
+        why = end.why or ("limit" if limit else "eos")
+        result.update(stop_type=why, stopping_word=end.word, completion_tokens=len(ids))
+        result["finish_reason"] = "length" if why == "limit" else "stop"
+        if end.text.startswith(sent) and len(end.text) > len(sent):
+            yield end.text[len(sent) :]
+
+    def _cut(
+        self,
+        p: _Prompt,
+        job: Job,
+        stops: list[str],
+        ids: list[int],
+        first: float | None,
+        final: bool,
+        notes: list[str] | None = None,
+    ) -> _End:
+        """The completion so far and what ended it, if anything: stop strings, lines, the suffix's overlap."""
         new_text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        final = self._render(p, new_text, True, result["notes"])
-        cut = _first_stop(final, stops)
-        if cut is not None:
-            final, result["finish_reason"] = final[:cut], "stop"
-        result["completion_tokens"] = len(ids)
-        if final.startswith(sent) and len(final) > len(sent):
-            yield final[len(sent) :]
+        end = _End(self._render(p, new_text, final, notes))
+        if (cut := _first_stop(end.text, stops)) is not None:
+            end = _End(end.text[:cut], "word", next(s for s in stops if end.text.find(s) == cut))
+        if self.mode == "raw":
+            late = bool(job.predict_ms) and first is not None and 1000 * (time.perf_counter() - first) > job.predict_ms
+            lines = self._lines(end.text, job, final or end.why is not None, late)
+            end = lines if lines.why is not None else _End(lines.text, end.why, end.word)
+        if final or end.why is not None:  # the cursor's line is complete: drop what the code after the cursor holds
+            head, sep, tail = end.text.partition("\n")
+            if overlap := suffix_overlap(head, job.suffix):
+                end = _End(head[: len(head) - overlap] + sep + tail, end.why or "suffix", end.word)
+        return end
 
     def complete(self, prompt: str, max_tokens: int = 64, **kw: Any) -> Completion:
+        """The completion of `prompt`, the code before the cursor (Job's fields as keywords)."""
         result: dict[str, Any] = {}
-        text = "".join(self.stream(prompt, max_tokens, result=result, **kw))
+        text = "".join(self.stream(Job(prompt, max_tokens=max_tokens, **kw), result))
         return Completion(text, result["finish_reason"], result["notes"])
 
 

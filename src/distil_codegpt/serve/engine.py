@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +81,47 @@ def pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class _Slot:
+    """One cached prompt: the ids whose keys and values `cache` holds, in order."""
+
+    ids: list[int] = field(default_factory=list)
+    cache: Any = None
+    used: float = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class TorchEngine(Engine):
-    """A Hugging Face model of a supported family run by PyTorch, with its KV cache, one sequence at a time."""
+    """A Hugging Face model of a supported family run by PyTorch, with its KV cache, one sequence at a time.
+
+    With `cache_slots`, the KV cache of the last prompts (and what was generated after them) is kept, one slot per
+    prompt, and a new prompt reads only the tokens after its longest common prefix with a slot, as llama.cpp's
+    server does: an editor sends the whole file again on every pause in typing. The last prompt token is always
+    read again (its logits give the first new token, and a token the user was still typing may have changed).
+    Memory: at most `cache_slots` x context positions of keys and values.
+    """
 
     name = "torch"
     supports_first_allowed = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu", cache_slots: int = 0
+    ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer, self.path, self.device = tokenizer, Path(path), torch.device(device)
         self.context = families.context(model)
         # transformers 5 calls the KV cache `cache` (`past_key_values` before, deprecated since)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_slots, self.slots = cache_slots, []
+        self.cached_tokens = 0  # prompt tokens the last `stream` took from the cache
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
@@ -101,6 +131,37 @@ class TorchEngine(Engine):
 
         model = apply_pruned_heads(load_model(str(path), dtype=torch.float32))  # pruned heads cut: runs faster
         return cls(model, load_tokenizer(path), Path(path), device)
+
+    def _slot(self, ids: list[int]) -> tuple[_Slot | None, int]:
+        """The slot to run `ids` in and how many of its leading ids it already holds (at most all but one)."""
+        if not self.cache_slots:
+            return None, 0
+        best = max(self.slots, key=lambda s: common_prefix(s.ids, ids), default=None)
+        reuse = common_prefix(best.ids, ids) if best is not None else 0
+        if not reuse:  # nothing in common: a free slot, else the one used longest ago
+            if len(self.slots) < self.cache_slots:
+                self.slots.append(_Slot())
+                best = self.slots[-1]
+            else:
+                best = min(self.slots, key=lambda s: s.used)
+        assert best is not None
+        reuse = min(reuse, len(ids) - 1)
+        if best.cache is not None and best.cache.get_seq_length() > reuse:
+            best.cache.crop(reuse - best.cache.get_seq_length())  # a negative crop: every transformers version
+        best.ids, best.used = best.ids[:reuse], time.monotonic()
+        return best, reuse
+
+    def _forward(self, slot: _Slot | None, past: Any, x: list[int]) -> tuple[torch.Tensor, Any]:
+        """Logits of the last position after reading `x`; the slot is emptied while its cache is being extended,
+        so a run stopped half-way cannot leave ids and keys out of step."""
+        ids = slot.ids if slot is not None else []
+        if slot is not None:
+            slot.ids, slot.cache = [], None
+        out = self.model(input_ids=torch.tensor([x], device=self.device), use_cache=True, **{self._cache_arg: past})
+        past = out.get(self._cache_arg)
+        if slot is not None:
+            slot.ids, slot.cache = ids + x, past
+        return out.logits[0, -1].float().cpu(), past  # (1, T, V) -> (V,)
 
     @torch.inference_mode()
     def stream(
@@ -114,12 +175,16 @@ class TorchEngine(Engine):
         first_allowed: frozenset[int] | None = None,
     ) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        x = torch.tensor([ids], device=self.device)  # (1, T)
-        past = None
+        slot, reuse = self._slot(ids) if ids else (None, 0)
+        self.cached_tokens = reuse
+        past = slot.cache if slot is not None else None
+        x = ids[reuse:]
+        if max_new_tokens <= 0:  # a warm-up: read the prompt into the cache, write nothing
+            if slot is not None and x:
+                self._forward(slot, past, x)
+            return
         for step in range(max_new_tokens):
-            out = self.model(input_ids=x, use_cache=True, **{self._cache_arg: past})
-            past = out.get(self._cache_arg)
-            logits = out.logits[0, -1].float().cpu()  # (1, T, V) -> (V,)
+            logits, past = self._forward(slot, past, x)
             if step == 0 and first_allowed:
                 mask = torch.full_like(logits, float("-inf"))
                 mask[list(first_allowed)] = 0.0
@@ -128,7 +193,7 @@ class TorchEngine(Engine):
             if nxt in stop_ids:
                 return
             yield nxt
-            x = torch.tensor([[nxt]], device=self.device)
+            x = [nxt]
 
 
 def engine_kind(path: str | Path) -> str:
@@ -147,14 +212,18 @@ def engine_kind(path: str | Path) -> str:
     return kind
 
 
-def load_engine(path: str | Path, device: str = "cpu") -> Engine:
-    """The engine for a model directory or an exported/compressed artifact."""
+def load_engine(path: str | Path, device: str = "cpu", cache_slots: int = 0) -> Engine:
+    """The engine for a model directory or an exported/compressed artifact; PyTorch engines keep the KV cache of
+    `cache_slots` prompts (the others read every prompt in full)."""
     module, cls = ENGINES[engine_kind(path)].split(":")
     try:
         engine_cls = getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise UserError(f"model: {path} needs {e.name}, which is not installed; pip install {e.name}") from e
-    return engine_cls.load(path, device)
+    engine = engine_cls.load(path, device)
+    if isinstance(engine, TorchEngine):
+        engine.cache_slots = cache_slots
+    return engine
 
 
 def write_engine_spec(out: str | Path, engine: str, **details: Any) -> None:

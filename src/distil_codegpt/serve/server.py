@@ -1,16 +1,23 @@
-"""OpenAI-style completions over HTTP (`POST /v1/completions`) from one local model, for editor plugins.
+"""The HTTP server: one completion core behind the protocols editors speak (one small file each).
+
+- OpenAI `/v1/completions`, `/v1/models` (serve/openai_api.py): Continue, the openai client, most plugins.
+- llama.cpp `/completion`, `/infill`, `/health` (serve/llamacpp_api.py): llama.vscode, llama.vim.
+- Ollama `/api/generate`, `/api/tags`, `/api/show`, `/api/version` (serve/ollama_api.py): Ollama clients.
+
+Each surface only maps its fields to a `Job` (prefix, suffix, context, limits) and the result back; errors come in
+the shape of the protocol the path belongs to. Any model name is served: one server, one model.
 
 Concurrency is a queue, not batching: one worker thread owns the engine and runs one request at a time. On a
 CPU a second forward pass in parallel only splits the same cores, and the engines decode one sequence with
-its KV cache, so batching would add latency to every request for little throughput. Requests wait in a FIFO
-of at most `queue_size`; past that the server answers 503 with Retry-After at once, so latency cannot grow
-without bound. The event loop never runs the model: pieces cross from the worker thread through an asyncio
-queue per request, so /health and other clients are answered while a completion is being generated. A client
-that leaves gives its place back: a waiting job is skipped, and a running stream stops at its next piece
-(the completer's generator is closed, which stops the engine).
+its KV cache (kept across requests for the prompts' common prefix), so batching would add latency to every
+request for little throughput. Requests wait in a FIFO of at most `queue_size`; past that the server answers 503
+with Retry-After at once, so latency cannot grow without bound. The event loop never runs the model: pieces
+cross from the worker thread through an asyncio queue per request, so /health and other clients are answered
+while a completion is being generated. A client that leaves gives its place back: a waiting job is skipped,
+and a running stream stops at its next token (editors cancel a request on every keystroke).
 
 Memory is bounded by the limits: request bodies (sized from `max_prompt_chars`), `max_tokens_limit` pieces
-per request and `queue_size` waiting requests.
+per request, `queue_size` waiting requests and `cache_slots` cached prompts.
 """
 
 from __future__ import annotations
@@ -21,68 +28,44 @@ import json
 import queue
 import sys
 import threading
-import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distil_codegpt.config import ServeConfig
-from distil_codegpt.serve.complete import Completer
+from distil_codegpt.serve.complete import Completer, Job
 
-# OpenAI fields that would change what comes back: accepted only at these neutral values (or null).
-NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (False,), "suffix": ("",), "logprobs": (), "best_of": (1,)}
-NEUTRAL |= {"logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,)}
-StopString = Annotated[str, Field(min_length=1)]
+POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 
 class ApiError(Exception):
-    """An answer other than 200, sent in OpenAI's error shape so clients built for OpenAI show the message."""
+    """An answer other than 200, sent in the error shape of the protocol its path belongs to, so each client
+    shows the message: OpenAI `{"error": {message, type, param, code}}`, Ollama `{"error": message}`, llama.cpp
+    `{"error": {code, message, type}}`."""
 
     def __init__(self, status: int, message: str, param: str | None, code: str, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
-    def body(self) -> dict[str, Any]:
+    def body(self, path: str = "/v1") -> dict[str, Any]:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        if path.startswith("/api/"):
+            return {"error": self.message}
+        if path.startswith("/v1/") or path == "/v1":
+            return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"code": self.status, "message": self.message, "type": kind}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class CompletionRequest(BaseModel):
-    """The subset of OpenAI's completion request this server honours; other fields are ignored.
-
-    Strict types, so `"max_tokens": "16"` is an error rather than a guess. temperature defaults to 0 (greedy),
-    not OpenAI's 1: a completion in an editor should be the model's most likely line, and reproducible.
-    """
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str = ""
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    n: int = 1
-    stream: bool = False
-    seed: int | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        """OpenAI clients send `null` for fields they leave unset."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+    def response(self, path: str = "/v1") -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
 
 
 class Worker:
@@ -127,7 +110,7 @@ class Worker:
 
 
 class Pipe:
-    """One streamed request: pieces go from the worker thread to the event loop; `cancelled` goes back."""
+    """One request's run: pieces go from the worker thread to the event loop; `cancelled` goes back."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -140,12 +123,12 @@ class Pipe:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled.set()
 
-    def feed(self, completer: Completer, args: dict[str, Any]) -> None:
-        """Run in the worker: forward each piece, stop early when the client has gone, end with the usage."""
+    def feed(self, completer: Completer, job: Job) -> None:
+        """Run in the worker: forward each piece, stop early when the client has gone, end with the result."""
         if self.cancelled.is_set():  # its client left while it waited
             return
         result: dict[str, Any] = {}
-        gen = completer.stream(**args, result=result)
+        gen = completer.stream(job, result)
         try:
             for piece in gen:
                 if self.cancelled.is_set():
@@ -161,7 +144,7 @@ class Pipe:
         """The next item; a client that disconnects meanwhile ends the wait, and so its job."""
         item = asyncio.ensure_future(self.items.get())
         try:
-            while not (await asyncio.wait({item}, timeout=0.25))[0]:
+            while not (await asyncio.wait({item}, timeout=POLL_S))[0]:
                 if await request.is_disconnected():
                     raise ApiError(499, "client disconnected", None, "client_closed")
         except BaseException:  # disconnected, or this request's task was cancelled
@@ -173,69 +156,73 @@ class Pipe:
             raise ApiError(500, f"generation failed: {type(value).__name__}: {value}", None, "engine_error")
         return kind, value
 
-
-def create_app(completer: Completer, cfg: ServeConfig) -> FastAPI:
-    """The HTTP app around one completer; `cfg` gives the model name and the limits."""
-    model_name = cfg.model_name or Path(cfg.model).resolve().name
-    worker = Worker(cfg.queue_size)
-    max_body = 12 * cfg.max_prompt_chars + 65536  # a JSON-escaped character takes at most 12 bytes
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await asyncio.to_thread(worker.stop)
-
-    app = FastAPI(title="distil-codegpt", lifespan=lifespan)
-    app.state.worker = worker
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return ApiError(exc.status_code, str(exc.detail), None, "http_error", exc.headers).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid(exc.errors()).response()
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "engine": completer.engine.name,
-            "mode": completer.mode,
-            "queue": {"waiting": worker.waiting, "limit": worker.limit},
-        }
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "distil-codegpt"}]}
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> JSONResponse | StreamingResponse:
-        req = _parse(await _read_body(request, max_body))
-        prompt = _check(req, cfg, model_name)
-        args = {"prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature}
-        args |= {"top_p": req.top_p, "stop": [req.stop] if isinstance(req.stop, str) else req.stop, "seed": req.seed}
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time())}
-        head["model"] = model_name
-        pipe = Pipe(asyncio.get_running_loop())
-        worker.submit(lambda: pipe.feed(completer, args))
-        if req.stream:
-            return StreamingResponse(_events(request, pipe, head), media_type="text/event-stream")
+    async def collect(self, request: Request) -> tuple[str, dict[str, Any]]:
+        """The whole completion and its result, for a request that does not stream."""
         pieces = []
-        while (item := await pipe.get(request))[0] == "piece":
+        while (item := await self.get(request))[0] == "piece":
             pieces.append(item[1])
-        choice = {"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": item[1]["finish_reason"]}
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(item[1])})
-
-    return app
+        return "".join(pieces), item[1]
 
 
-def _invalid(errors: Any) -> ApiError:
+@dataclass
+class Service:
+    """What every protocol surface shares: the completer, its worker, the limits and the model's name."""
+
+    completer: Completer
+    cfg: ServeConfig
+    worker: Worker
+    model_name: str
+
+    @property
+    def max_body(self) -> int:
+        return 12 * self.cfg.max_prompt_chars + 65536  # a JSON-escaped character takes at most 12 bytes
+
+    def job(self, prefix: str, suffix: str = "", max_tokens: int | None = None, **kw: Any) -> Job:
+        """A Job within the server's limits: max_tokens clamped (None or negative: the limit), prompts checked."""
+        chars = len(prefix) + len(suffix) + sum(len(t) for _, t in kw.get("extra", ()))
+        if chars > self.cfg.max_prompt_chars:
+            msg = f"prompt: {chars} characters, over the limit of {self.cfg.max_prompt_chars}; send less of the file"
+            raise ApiError(413, msg, "prompt", "prompt_too_long")
+        limit = self.cfg.max_tokens_limit
+        n = limit if max_tokens is None or max_tokens < 0 else min(max_tokens, limit)
+        kw.setdefault("max_lines", self.cfg.max_lines)
+        if not kw.get("predict_ms"):
+            kw["predict_ms"] = self.cfg.max_predict_ms
+        kw["stop"] = [s for s in kw.get("stop") or [] if s]
+        return Job(prefix, suffix, max_tokens=n, **{k: v for k, v in kw.items() if v is not None})
+
+    def start(self, job: Job) -> Pipe:
+        pipe = Pipe(asyncio.get_running_loop())
+        self.worker.submit(lambda: pipe.feed(self.completer, job))
+        return pipe
+
+    async def read(self, request: Request, schema: type[BaseModel]) -> Any:
+        """The body, refused (413) as soon as it outgrows what an allowed prompt could need, parsed into schema."""
+        too_big = ApiError(
+            413, f"request body over {self.max_body} bytes; send a shorter prompt", None, "body_too_large"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_big
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"body is not valid JSON ({e}); send a JSON object", None, "invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"body must be a JSON object, not {type(data).__name__}", None, "invalid_json")
+        try:
+            return schema.model_validate({k: v for k, v in data.items() if v is not None})  # null: the default
+        except ValidationError as e:
+            raise invalid(e.errors()) from None
+
+
+def invalid(errors: Any) -> ApiError:
     """Pydantic's errors as one line naming each bad field (422, as FastAPI would); a union's failed cases by "or"."""
     fields: dict[str, list[str]] = {}
     for err in errors:
@@ -245,82 +232,46 @@ def _invalid(errors: Any) -> ApiError:
     return ApiError(422, message or "invalid request", next(iter(fields), None), "invalid_value")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it outgrows what an allowed prompt could need."""
-    too_big = ApiError(413, f"request body over {limit} bytes; send a shorter prompt", None, "body_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+def create_app(completer: Completer, cfg: ServeConfig) -> FastAPI:
+    """The HTTP app around one completer; `cfg` gives the model name and the limits."""
+    from distil_codegpt.serve import llamacpp_api, ollama_api, openai_api
 
+    worker = Worker(cfg.queue_size)
+    service = Service(completer, cfg, worker, cfg.model_name or Path(cfg.model).resolve().name)
 
-def _parse(body: bytes) -> CompletionRequest:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"body is not valid JSON ({e}); send a JSON object", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"body must be a JSON object, not {type(data).__name__}", None, "invalid_json")
-    for name, neutral in NEUTRAL.items():
-        value = data.get(name)
-        if value is not None and not any(
-            value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in neutral
-        ):
-            raise ApiError(400, f"{name}={value!r} is not supported by this server; omit it", name, "unsupported")
-    try:
-        return CompletionRequest.model_validate(data)
-    except ValidationError as e:
-        raise _invalid(e.errors()) from None
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(worker.stop)
 
+    app = FastAPI(title="distil-codegpt", lifespan=lifespan)
+    app.state.worker, app.state.service = worker, service
 
-def _check(req: CompletionRequest, cfg: ServeConfig, model_name: str) -> str:
-    """The checks that need the server's settings; returns the prompt as one string."""
-    if req.model not in ("", model_name):
-        raise ApiError(
-            404, f"model {req.model!r} does not exist; this server has {model_name!r}", "model", "model_not_found"
-        )
-    if isinstance(req.prompt, list) and len(req.prompt) != 1:
-        raise ApiError(400, f"prompt: a list of {len(req.prompt)} prompts; send one string", "prompt", "unsupported")
-    prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    if len(prompt) > cfg.max_prompt_chars:
-        msg = f"prompt: {len(prompt)} characters, over the limit of {cfg.max_prompt_chars}; send the end of the file"
-        raise ApiError(413, msg, "prompt", "prompt_too_long")
-    if req.n != 1:
-        raise ApiError(400, f"n={req.n} is not supported; this server returns one completion (n=1)", "n", "unsupported")
-    if req.max_tokens > cfg.max_tokens_limit:
-        msg = f"max_tokens={req.max_tokens} is over this server's limit of {cfg.max_tokens_limit}; ask for fewer"
-        raise ApiError(400, msg, "max_tokens", "max_tokens_too_large")
-    return prompt
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response(request.url.path)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail), None, "http_error", exc.headers).response(request.url.path)
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    """Token counts as the model saw them (a normalised prompt, cut to fit the context)."""
-    prompt, completion = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid(exc.errors()).response(request.url.path)
 
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": service.model_name,
+            "engine": completer.engine.name,
+            "mode": completer.mode,
+            "queue": {"waiting": worker.waiting, "limit": worker.limit},
+        }
 
-async def _events(request: Request, pipe: Pipe, head: dict[str, Any]) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them: one chunk per piece, a final chunk with finish_reason, [DONE]."""
-
-    def chunk(text: str, finish: str | None) -> str:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-    try:
-        while (item := await pipe.get(request))[0] == "piece":
-            yield chunk(item[1], None)
-        yield chunk("", item[1]["finish_reason"])
-        yield "data: [DONE]\n\n"
-    except ApiError as e:  # the status line has gone out already: the error travels as an event
-        yield f"data: {json.dumps(e.body())}\n\n"
-    finally:  # normal end, or the client went away and the response task was cancelled
-        pipe.cancelled.set()
+    for surface in (openai_api, llamacpp_api, ollama_api):
+        app.include_router(surface.router(service))
+    return app
 
 
 def is_loopback(host: str) -> bool:
@@ -336,7 +287,7 @@ def run_server(cfg: ServeConfig) -> None:
 
     from distil_codegpt.serve.engine import load_engine
 
-    completer = Completer(load_engine(cfg.model, cfg.device))
+    completer = Completer(load_engine(cfg.model, cfg.device, cfg.cache_slots), fim=cfg.fim)
     app = create_app(completer, cfg)
     if not is_loopback(cfg.host):
         print(
@@ -345,5 +296,10 @@ def run_server(cfg: ServeConfig) -> None:
             file=sys.stderr,
         )
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"serve: {cfg.model} ({completer.mode} mode) at http://{host}:{cfg.port}/v1/completions", file=sys.stderr)
+    base = f"http://{host}:{cfg.port}"
+    print(
+        f"serve: {cfg.model} ({completer.mode} mode) at {base}/v1/completions (OpenAI), {base}/infill and "
+        f"{base}/completion (llama.cpp), {base}/api/generate (Ollama)",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
