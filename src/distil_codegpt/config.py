@@ -463,6 +463,12 @@ class CompressConfig:
     )
     heal_steps: int = opt(0, "after pruning: this many KD steps from the unpruned model (needs --data)")
     data: str = opt("", "corpus directory for healing and for head-importance scores")
+    trim_vocab: str = opt(
+        "",
+        "corpus directory or its shards dir (DATA/shards/ID): the output head keeps only the ids its train split"
+        " uses, plus the special tokens (logits of the others are -inf); the input embedding stays whole",
+    )
+    min_count: int = opt(1, "with --trim-vocab: keep an id seen at least this many times in the train split")
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
@@ -474,6 +480,7 @@ class CompressConfig:
             )
             _check(ok, "prune", self.prune, "use magnitude:0.3 (fraction in (0, 1)) or heads:N (N >= 1)")
         _check(self.heal_steps >= 0, "heal_steps", self.heal_steps, "use 0 or more")
+        _check(self.min_count >= 1, "min_count", self.min_count, "use 1 or more (occurrences in the train split)")
         _check(not self.heal_steps or bool(self.data), "data", self.data, "healing needs --data DIR (a corpus)")
         _check(
             not (self.quantize == "int8" and self.dtype != "fp32"),

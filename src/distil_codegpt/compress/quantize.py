@@ -85,15 +85,40 @@ def _head_as_embedding(model: PreTrainedModel) -> None:
         model.get_input_embeddings().weight.copy_(model.get_output_embeddings().weight().dequantize())
 
 
+def _embedding_as_int8(model: PreTrainedModel) -> None:
+    """A trimmed head no longer holds every row, so the embedding cannot be stored as the int8 head: it takes the
+    values of its own per-row int8 copy instead (`save_int8` stores that copy), as small on disk as the int8 head."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(_int8_rows(emb).dequantize())
+
+
+def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 (the head's own scheme: per output channel)."""
+    scales = (weight.detach().abs().amax(1) / 127).clamp(min=1e-12).double()
+    zeros = torch.zeros(weight.size(0), dtype=torch.long)
+    with _quiet():
+        return torch.quantize_per_channel(weight.detach().float(), scales, zeros, 0, torch.qint8)
+
+
 def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
     """In place: Conv1D -> Linear (GPT-2), untie the head, every nn.Linear -> dynamic int8 (per output channel), and a
-    tied input embedding set to the int8 head's values (module docstring)."""
+    tied input embedding set to the int8 head's values (module docstring). A trimmed head (compress/trim.py) becomes
+    an int8 layer of its kept rows, and the embedding an int8 matrix of its own."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from distil_codegpt.compress.trim import TrimmedHead
 
     model.cpu().float().eval()
     if families.family(model).conv1d:
         conv1d_to_linear(model)
-    tied = untie_lm_head(model)
+    trimmed = model.get_output_embeddings()
+    if isinstance(trimmed, TrimmedHead):
+        trimmed.freeze()  # the kept rows as an nn.Linear, quantized below
+        model.config.tie_word_embeddings, tied = False, False
+        _embedding_as_int8(model)
+    else:
+        tied = untie_lm_head(model)
     with _quiet():
         quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     if tied:
@@ -133,10 +158,15 @@ def save_int8(model: PreTrainedModel, out: str | Path, **details: Any) -> Path:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from distil_codegpt.compress.trim import kept_ids, save_kept
+
     state = model.state_dict()
     if embedding_is_head(model):
         del state[families.embedding_key(model)]  # rebuilt from the int8 head on load
+    elif kept_ids(model) is not None:  # a trimmed head: the embedding holds its own int8 values (_embedding_as_int8)
+        state[families.embedding_key(model)] = _int8_rows(state[families.embedding_key(model)])
     torch.save(state, out / WEIGHTS_FILE)
+    save_kept(model, out)
     model.config.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
@@ -156,13 +186,17 @@ def load_int8(path: str | Path) -> PreTrainedModel:
         )
     config = AutoConfig.from_pretrained(path)
     families.family(config, what=f"model {str(path)!r}")
+    from distil_codegpt.compress.trim import apply_saved_trim
+
     config.tie_word_embeddings = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     apply_pruned_heads(model)
-    quantize_int8(model)
+    quantize_int8(apply_saved_trim(model, path))  # a trimmed head: its int8 layer of the kept rows
     embedding = families.embedding_key(model)
     with _quiet():
         state = torch.load(weights, map_location="cpu", weights_only=True)
+        if embedding in state and state[embedding].is_quantized:  # a trimmed model's int8 embedding
+            state[embedding] = state[embedding].dequantize()
         result = model.load_state_dict(state, strict=False)
     if set(result.missing_keys) - {embedding} or result.unexpected_keys:
         wrong = sorted(set(result.missing_keys) - {embedding}) + result.unexpected_keys

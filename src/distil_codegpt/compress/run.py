@@ -1,7 +1,8 @@
 """The `compress` verb: prune (and heal), then store the weights in fp16/bf16 or quantize them to int8.
 
 Every output is an artifact `evaluate`, `complete` and `serve` load: fp32/fp16/bf16 give a plain Hugging Face
-model directory, int8 an engine artifact (see quantize.py). run.json holds what each step took away.
+model directory, int8 an engine artifact (see quantize.py). run.json holds what each step took away. With
+--trim-vocab the output head keeps only the ids a corpus uses (trim.py), in any of these formats.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from distil_codegpt.compress.prune import (
     unit_name,
 )
 from distil_codegpt.compress.quantize import LIBRARY, quantize_int8, save_int8
+from distil_codegpt.compress.trim import save_kept, trim_from_corpus
 from distil_codegpt.config import CompressConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.evaluate.perf import disk_mb
@@ -80,6 +82,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     summary["head_unit"] = unit_name(
         model
     )  # what pruned_heads lists: "heads", or "KV groups" (grouped-query attention)
+    if cfg.trim_vocab:  # after pruning and healing, which run on the full head
+        summary["trim"] = trim_from_corpus(model, cfg.trim_vocab, cfg.model, cfg.min_count)
     if cfg.quantize == "int8":
         apply_pruned_heads(model)  # int8 modules cannot be sliced later: cut the heads out first
         summary.update(params_after=count_params(model), nonzero_params=_nonzero(model))
@@ -88,6 +92,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     else:
         # A plain HF directory at full shape (pruned heads zeroed, see prune.py), in the requested dtype.
         model.to(DTYPES[cfg.dtype]).save_pretrained(out, safe_serialization=True)
+        save_kept(model, out, **{k: v for k, v in summary.get("trim", {}).items() if k not in ("kept", "vocab_size")})
         apply_pruned_heads(model)
         summary.update(params_after=count_params(model), nonzero_params=_nonzero(model))
         summary.update(format=cfg.dtype, library="transformers save_pretrained")
@@ -112,5 +117,13 @@ def print_compress(summary: dict[str, Any], out: str | Path) -> None:
     print(
         f"disk {before} MB -> {summary['disk_mb_after']:.2f} MB ({summary['format']}, {summary['library']})  ->  {out}"
     )
+    if "trim" in summary:
+        t = summary["trim"]
+        held = f", {t['heldout_coverage']:.2%} of the {t['heldout_split']} split's tokens" if t["heldout_split"] else ""
+        print(
+            f"trimmed head: {t['kept']:,} of {t['vocab_size']:,} ids kept (seen >= {t['min_count']}x in train,"
+            f" special tokens){held}; head {t['head_share_before']:.0%} -> {t['head_share_after']:.0%} of a"
+            " decoding step's multiply-adds"
+        )
     if not summary["tokenizer_files"]:
         print(f"note: the model has no tokenizer files; copy them into {out} before evaluate, complete or serve")

@@ -37,6 +37,11 @@ At T = 1 the teacher's buckets are exact; at T != 1 each top-k log-prob is divid
 spread evenly over the V - k other tokens (each (tail / (V - k))^(1/T) before renormalising over the k + 1 buckets).
 At T = 1, D_k <= the full D for all three divergences (merging outcomes never raises an f-divergence), and the
 gradient pushes the student's top-k probabilities to the teacher's and its tail mass, as a whole, to the teacher's.
+
+A student with a trimmed head (compress/trim.py) can only give probability to its kept ids. Every logit term takes
+`kept` (``[V]`` bool) for it: both softmaxes are taken over the kept ids alone, i.e. the teacher's distribution is
+renormalised over them, p'_i = p_i / sum_{j kept} p_j (its logits set to -inf elsewhere), and so is the student's;
+CE skips (adds 0 for) a position whose true next token is not kept, and MSE compares the kept columns only.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ def kd_loss(
     labels: Tensor,
     temperature: float = 2.0,
     divergence: Divergence = "forward",
+    kept: Tensor | None = None,
 ) -> Tensor:
     """A divergence between temperature-softened teacher and student distributions, times T^2 (Hinton et al., 2015).
 
@@ -108,6 +114,8 @@ def kd_loss(
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for positions that must not count.
         temperature (float): T > 0; higher T exposes more of the teacher's ranking of wrong tokens.
         divergence (str): forward KL(p || q), reverse KL(q || p) or jsd (definitions in the module docstring).
+        kept (Tensor | None): ``[V]`` bool, the ids a trimmed student head keeps: both distributions are taken
+            over them alone (the teacher's renormalised). None = the whole vocabulary.
 
     Returns:
         Tensor: scalar, the divergence over V, averaged over unmasked tokens, times T^2; 0 if all are masked.
@@ -119,7 +127,7 @@ def kd_loss(
             "distil with the teacher's tokenizer, or set alpha_ce=0 and alpha_mse=0"
         )
     student, teacher = _unmasked_rows(labels, student_logits, teacher_logits.detach())
-    return _token_mean(_kd_rows(student, teacher, temperature, divergence))
+    return _token_mean(_kd_rows(student, teacher, temperature, divergence, kept))
 
 
 def _check_kd(temperature: float, divergence: str) -> None:
@@ -149,8 +157,16 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str) -> Tensor:
     return JSD_BETA * _kl_rows(log_p, log_m) + (1 - JSD_BETA) * _kl_rows(log_q, log_m)
 
 
-def _kd_rows(student: Tensor, teacher: Tensor, temperature: float, divergence: str) -> Tensor:
-    """``[N, V]`` fp32 logits of both -> ``[N]`` divergence at temperature T, times T^2."""
+def _restrict(logits: Tensor, kept: Tensor | None) -> Tensor:
+    """``[N, V]`` logits with -inf outside the kept ids (a softmax then renormalises over them); as is for None."""
+    return logits if kept is None else logits.masked_fill(~kept[: logits.size(-1)], float("-inf"))
+
+
+def _kd_rows(
+    student: Tensor, teacher: Tensor, temperature: float, divergence: str, kept: Tensor | None = None
+) -> Tensor:
+    """``[N, V]`` fp32 logits of both -> ``[N]`` divergence at temperature T, times T^2 (over the kept ids)."""
+    student, teacher = _restrict(student, kept), _restrict(teacher, kept)
     log_q = F.log_softmax(student / temperature, dim=-1)
     log_p = F.log_softmax(teacher / temperature, dim=-1)
     return _divergence_rows(log_p, log_q, divergence) * temperature**2
@@ -219,23 +235,27 @@ def _sparse_kd_rows(
     return _divergence_rows(log_p, log_qb, divergence) * t**2
 
 
-def clm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
+def clm_loss(student_logits: Tensor, labels: Tensor, kept: Tensor | None = None) -> Tensor:
     """Causal-LM cross-entropy against the true next tokens, which keeps the student anchored to the data.
 
     Args:
         student_logits (Tensor): ``[B, T, V]``.
         labels (Tensor): ``[B, T]`` next-token ids, ``IGNORE_INDEX`` for positions that must not count.
+        kept (Tensor | None): ``[V]`` bool for a trimmed student head: softmax over the kept ids, and 0 where the
+            next token is not kept (it cannot be predicted).
 
     Returns:
         Tensor: scalar, CE averaged over unmasked tokens; 0 if all are masked.
     """
     student, targets = _unmasked_rows(labels, student_logits, labels.unsqueeze(-1))
-    return _token_mean(_ce_rows(student, targets.squeeze(1)))
+    return _token_mean(_ce_rows(student, targets.squeeze(1), kept))
 
 
-def _ce_rows(student: Tensor, targets: Tensor) -> Tensor:
-    """``[N, V]`` logits, ``[N]`` ids -> ``[N]`` negative log-likelihoods."""
-    return F.cross_entropy(student, targets, reduction="none")
+def _ce_rows(student: Tensor, targets: Tensor, kept: Tensor | None = None) -> Tensor:
+    """``[N, V]`` logits, ``[N]`` ids -> ``[N]`` negative log-likelihoods (0 for a target outside the kept ids)."""
+    if kept is not None:
+        student, targets = _restrict(student, kept), targets.masked_fill(~kept[targets], IGNORE_INDEX)
+    return F.cross_entropy(student, targets, reduction="none", ignore_index=IGNORE_INDEX)
 
 
 def cosine_loss(
@@ -274,7 +294,7 @@ def cosine_loss(
     return torch.stack(losses).mean()
 
 
-def mse_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+def mse_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, kept: Tensor | None = None) -> Tensor:
     """Mean squared error between student and teacher logits: mean over V, then over unmasked tokens.
 
     DistilBERT used ``MSELoss(reduction="sum") / n_tokens``, i.e. summed over V. We take the mean over V so
@@ -284,6 +304,7 @@ def mse_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> 
         student_logits (Tensor): ``[B, T, V]``.
         teacher_logits (Tensor): ``[B, T, V]``; detached here.
         labels (Tensor): ``[B, T]``, ``IGNORE_INDEX`` for positions that must not count.
+        kept (Tensor | None): ``[V]`` bool for a trimmed student head: the mean over the kept columns only.
 
     Returns:
         Tensor: scalar; 0 if all tokens are masked.
@@ -294,10 +315,13 @@ def mse_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> 
             "distil with the teacher's tokenizer, or set alpha_mse=0"
         )
     student, teacher = _unmasked_rows(labels, student_logits, teacher_logits.detach())
-    return _token_mean(_mse_rows(student, teacher))
+    return _token_mean(_mse_rows(student, teacher, kept))
 
 
-def _mse_rows(student: Tensor, teacher: Tensor) -> Tensor:
+def _mse_rows(student: Tensor, teacher: Tensor, kept: Tensor | None = None) -> Tensor:
+    if kept is not None:
+        cols = kept[: student.size(-1)]
+        student, teacher = student[:, cols], teacher[:, cols]
     return (student - teacher).pow(2).mean(-1)
 
 
@@ -335,6 +359,7 @@ def distillation_loss(
     weights: LossWeights,
     student_hidden: Tensor | Sequence[Tensor] | None = None,
     teacher_hidden: Tensor | Sequence[Tensor] | None = None,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the distillation terms, plus each term's value for logging.
 
@@ -348,6 +373,7 @@ def distillation_loss(
         weights (LossWeights): alphas, temperature and KD divergence.
         student_hidden (Tensor | Sequence[Tensor] | None): ``[B, T, H]`` (or a list); needed iff alpha_cos > 0.
         teacher_hidden (Tensor | Sequence[Tensor] | None): same structure as ``student_hidden``.
+        kept (Tensor | None): ``[V]`` bool, the ids of a trimmed student head (module docstring).
 
     Returns:
         tuple[Tensor, dict[str, float]]: the scalar loss to backprop, and the unweighted value of each
@@ -355,10 +381,10 @@ def distillation_loss(
     """
     terms: dict[str, tuple[float, Tensor]] = {}
     if weights.alpha_ce > 0:
-        kd = kd_loss(student_logits, teacher_logits, labels, weights.temperature, weights.divergence)
+        kd = kd_loss(student_logits, teacher_logits, labels, weights.temperature, weights.divergence, kept)
         terms["kd"] = (weights.alpha_ce, kd)
     if weights.alpha_clm > 0:
-        terms["clm"] = (weights.alpha_clm, clm_loss(student_logits, labels))
+        terms["clm"] = (weights.alpha_clm, clm_loss(student_logits, labels, kept))
     if weights.alpha_cos > 0:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError(
@@ -367,7 +393,7 @@ def distillation_loss(
             )
         terms["cos"] = (weights.alpha_cos, cosine_loss(student_hidden, teacher_hidden, labels))
     if weights.alpha_mse > 0:
-        terms["mse"] = (weights.alpha_mse, mse_loss(student_logits, teacher_logits, labels))
+        terms["mse"] = (weights.alpha_mse, mse_loss(student_logits, teacher_logits, labels, kept))
     total = sum(alpha * value for alpha, value in terms.values())
     return total, _logged({name: value for name, (_, value) in terms.items()}, total)
 
@@ -446,6 +472,7 @@ def head_loss(
     teacher_head: Tensor | None = None,
     sparse: SparseTargets | None = None,
     chunk: int = 1024,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The logit terms (KD, CE, MSE) of `distillation_loss`, from final hidden states, never holding full logits.
 
@@ -463,6 +490,7 @@ def head_loss(
         teacher_head (Tensor | None): ``[V'', H_t]`` the teacher's LM-head matrix.
         sparse (SparseTargets | None): cached teacher top-k instead of a teacher (KD only; MSE needs logits).
         chunk (int): tokens per chunk; memory grows with chunk * V.
+        kept (Tensor | None): ``[V]`` bool, the ids of a trimmed student head (module docstring); not with `sparse`.
 
     Returns:
         tuple[Tensor, dict[str, Tensor]]: the weighted sum of the computed terms (to backprop), and each term's
@@ -478,6 +506,8 @@ def head_loss(
         raise ValueError("alpha_mse needs the teacher's logits: pass teacher_hidden and teacher_head, or alpha_mse=0")
     if "kd" in names and sparse is None and (teacher_hidden is None or teacher_head is None):
         raise ValueError("alpha_ce needs a teacher: pass teacher_hidden and teacher_head, or sparse targets")
+    if kept is not None and sparse is not None:
+        raise ValueError("a trimmed student head cannot distil from cached top-k targets: distil from the teacher")
     nv = n_vocab or head.size(0)
     alphas = torch.tensor([alpha_of[name] for name in names])
     extra = [teacher_hidden.detach()] if teacher_hidden is not None else []
@@ -502,15 +532,15 @@ def head_loss(
         terms = []
         for name in names:
             if name == "clm":
-                terms.append(_ce_rows(z, targets[rows]))
+                terms.append(_ce_rows(z, targets[rows], kept))
             elif name == "mse":
-                terms.append(_mse_rows(z, t_logits))
+                terms.append(_mse_rows(z, t_logits, kept))
             elif sparse is not None:
                 terms.append(
                     _sparse_kd_rows(z, ids[rows], logp[rows], tail[rows], weights.temperature, weights.divergence)
                 )
             else:
-                terms.append(_kd_rows(z, t_logits, weights.temperature, weights.divergence))
+                terms.append(_kd_rows(z, t_logits, weights.temperature, weights.divergence, kept))
         sums = torch.stack([t.sum() for t in terms])  # [n_terms]
         return (sums * alphas.to(sums.device)).sum() / n, sums.detach()
 
@@ -531,6 +561,7 @@ def lean_distillation_loss(
     student_hidden: Sequence[Tensor] | None = None,
     teacher_hidden: Sequence[Tensor] | None = None,
     chunk: int = 1024,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """`distillation_loss` from hidden states: the logit terms by `head_loss` in chunks, the cosine as usual.
 
@@ -546,6 +577,7 @@ def lean_distillation_loss(
         sparse (SparseTargets | None): cached teacher top-k instead of a teacher (no cosine, no MSE).
         student_hidden, teacher_hidden (Sequence[Tensor] | None): the mapped pairs for the cosine term.
         chunk (int): tokens per chunk of the head.
+        kept (Tensor | None): ``[V]`` bool, the ids of a trimmed student head (module docstring).
 
     Returns:
         tuple[Tensor, dict[str, float]]: as `distillation_loss`.
@@ -564,6 +596,7 @@ def lean_distillation_loss(
             teacher_head=teacher_head,
             sparse=sparse,
             chunk=chunk,
+            kept=kept,
         )
     if weights.alpha_cos > 0:
         if student_hidden is None or teacher_hidden is None:

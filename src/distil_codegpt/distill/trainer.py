@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from distil_codegpt.compress.trim import kept_mask
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig
 from distil_codegpt.data.shards import TokenShard
 from distil_codegpt.distill.checkpoint import (
@@ -167,6 +168,10 @@ class Trainer:
             else None
         )
         self.n_vocab = pad_vocab(student, pad_multiple(cfg.pad_vocab, rt.device, student))
+        # a trimmed head (compress --trim-vocab) predicts only its kept ids: every loss is taken over them alone
+        self.kept = kept_mask(student)
+        if self.kept is not None and self.cache is not None:
+            raise ConfigError("teacher_cache: a student with a trimmed head distils from the teacher; pass --teacher")
         self.chunk = loss_chunk(cfg.loss_chunk, self._head(student).size(0))
         if teacher is not None:
             pad_vocab(teacher, pad_multiple(cfg.pad_vocab, rt.device, teacher))
@@ -242,10 +247,12 @@ class Trainer:
                 student_hidden=s_hidden,
                 teacher_hidden=t_hidden,
                 chunk=lean,
+                kept=self.kept,
             )
         else:
             t_logits = t_out.logits[..., :nv].detach()
-            loss, parts = distillation_loss(s_out.logits[..., :nv], t_logits, y, self.weights, s_hidden, t_hidden)
+            s_logits = s_out.logits[..., :nv]
+            loss, parts = distillation_loss(s_logits, t_logits, y, self.weights, s_hidden, t_hidden, self.kept)
         t_loss = None
         if self.teacher_trains:
             assert self.teacher is not None
@@ -255,10 +262,11 @@ class Trainer:
 
     def _clm(self, model: torch.nn.Module, out: Any, y: torch.Tensor) -> torch.Tensor:
         """Causal-LM loss of a forward output from `_run` (model: the unwrapped one, for its head)."""
+        kept = self.kept if model is self.student else None
         if self.chunk:
             hidden, head = out.hidden_states[-1], self._head(model)
-            return head_loss(hidden, head, y, CLM_ONLY, n_vocab=self.n_vocab, chunk=self.chunk)[0]
-        return clm_loss(out.logits[..., : self.n_vocab], y)
+            return head_loss(hidden, head, y, CLM_ONLY, n_vocab=self.n_vocab, chunk=self.chunk, kept=kept)[0]
+        return clm_loss(out.logits[..., : self.n_vocab], y, kept)
 
     def _hidden_pairs(self, s_out: Any, t_out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Student/teacher hidden states to match: the last (after the final norm), or every student layer's mapped

@@ -152,9 +152,11 @@ def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrain
     go to `from_pretrained` (e.g. dtype; note that transformers 5 keeps a checkpoint's stored dtype unless told
     otherwise).
     """
+    from distil_codegpt.compress.trim import apply_saved_trim  # here: compress imports this module
+
     source = resolve_model(name_or_path, role=role)
     families.family_name(model_type_of(source, role=role), what=f"{role} {name_or_path!r}")
-    return AutoModelForCausalLM.from_pretrained(source, **kw)
+    return apply_saved_trim(AutoModelForCausalLM.from_pretrained(source, **kw), source)  # a trimmed head
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -201,3 +203,6 @@ def save_model(model: PreTrainedModel, out: str | Path, n_vocab: int | None = No
             if key in state and state[key].size(0) > n_vocab:
                 state[key] = state[key][:n_vocab]
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    from distil_codegpt.compress.trim import save_kept
+
+    save_kept(model, out)  # a trimmed head: its kept ids beside the weights
