@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distil_codegpt import __version__
+from distil_codegpt.config import UserError
 
 _LIBS = ("torch", "transformers", "tokenizers", "numpy")
 
@@ -44,6 +47,52 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+# Files this process moved into place, in order: after an error the CLI says what a run did and did not write.
+WRITTEN: list[Path] = []
+# Storage faults: an error while writing one of these is the disk's, not the code's, and is reported as such.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in `path` durable: without this a power cut may undo it even after the file's own fsync."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_into(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file onto `path`: its bytes reach the disk first, then the rename, then the dir."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    WRITTEN.append(Path(path))
+
+
+def raise_storage_error(path: str | Path, e: OSError) -> None:
+    """One line for a write that failed on the storage side (full disk...); the previous `path` is still in place.
+
+    Returns quietly for any other OSError, which the caller re-raises as it is.
+    """
+    if e.errno not in _STORAGE_ERRNOS:
+        return
+    fix = {
+        errno.ENOSPC: "free disk space",
+        errno.EDQUOT: "free space under your quota",
+        errno.EROFS: "pass an --out on a writable disk",
+    }.get(e.errno, "check the disk")
+    raise UserError(
+        f"{path}: not written ({e.strerror}); the previous version, if any, is unchanged; {fix} and rerun"
+    ) from e
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never a half-written one."""
     with atomic_open(path) as f:
@@ -58,7 +107,10 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file next to `path` and move it into place only if the block succeeds."""
+    """Open a temporary file next to `path`; only if the block succeeds is it synced and moved into place.
+
+    A crash or a full disk mid-write leaves the previous `path` as it was and at most a stray `.NAME.*.tmp`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -67,10 +119,34 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
-        os.replace(tmp, path)
+        replace_into(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise_storage_error(path, e)
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_files(out: str | Path) -> Iterator[Path]:
+    """A scratch directory inside `out` to write a set of files into (a model, its tokenizer); on success each
+    file is synced and renamed over its namesake in `out`, weights before config, so every file in `out` is
+    always a whole one. On failure the scratch is removed and `out` keeps its previous files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".staged."))
+    try:
+        yield stage
+        files = sorted((f for f in stage.iterdir() if f.is_file()), key=lambda f: (f.suffix == ".json", f.name))
+        for f in files:
+            replace_into(f, out / f.name)
+    except OSError as e:
+        raise_storage_error(out / Path(e.filename).name if e.filename else out, e)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from distil_codegpt.artifacts import first_line, read_json
 from distil_codegpt.config import ExportConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.model import families
@@ -177,14 +178,24 @@ class CTranslate2Engine(Engine):
     def load(cls, path: str | Path, device: str = "cpu") -> CTranslate2Engine:
         """Weights keep the type they were exported with (int8 stays int8); on CPU, every allowed core."""
         ct2, p = _ctranslate2("model"), Path(path)
-        spec = json.loads((p / ENGINE_FILE).read_text(encoding="utf-8"))
+        spec = read_json(p / ENGINE_FILE, fix="export the model again with `distil-codegpt export`")
+        again = f"export it again with `distil-codegpt export --model {spec.get('source', 'MODEL')} --out NEW_DIR`"
+        if not isinstance(spec.get("context"), int):
+            raise UserError(f"model: {p / ENGINE_FILE} has no integer context; {again}")
+        vocab = read_json(p / "vocabulary.json", fix=again, kind=list)
+        tok = load_tokenizer(p)
+        if len(vocab) != len(tok):
+            raise UserError(
+                f"model: {p / 'vocabulary.json'} lists {len(vocab):,} tokens, the tokenizer in {p} {len(tok):,};"
+                f" {again}"
+            )
         try:
             generator = ct2.Generator(str(p), device=device, intra_threads=_cpu_threads() if device == "cpu" else 0)
         except (RuntimeError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"model: CTranslate2 cannot load {p} on {device} ({first}); export it again") from e
-        vocab = json.loads((p / "vocabulary.json").read_text(encoding="utf-8"))
-        return cls(generator, vocab, load_tokenizer(p), p, int(spec["context"]))
+            raise UserError(
+                f"model: CTranslate2 cannot load {p / 'model.bin'} on {device} ({first_line(e)}); {again}"
+            ) from e
+        return cls(generator, vocab, tok, p, spec["context"])
 
     def stream(
         self,

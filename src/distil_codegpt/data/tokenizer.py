@@ -147,12 +147,23 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """The fast tokenizer saved in a directory (ours or any HF one), or one clear error line."""
+    from distil_codegpt.artifacts import HubConfigError, check_config
+
     p = Path(path)
     fix = f"train one with `distil-codegpt tokenizer --data DATA --out {p}`"
     if not p.is_dir():
         raise UserError(f"tokenizer: {p} is not a directory; {fix}")
+    if (p / "config.json").is_file() and not any((p / name).is_file() for name in TOKENIZER_FILES):
+        # a model directory alone: transformers would build an empty tokenizer from config.json, every id wrong
+        raise UserError(
+            f"model: {p} has no tokenizer (tokenizer.json); save the tokenizer with the model or copy the"
+            " tokenizer files it was trained with into that directory"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except HubConfigError:  # a model directory whose config.json (read to pick the class) does not validate
+        check_config(p, role="model")
+        raise
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UserError(f"tokenizer: {p} holds no loadable tokenizer ({type(e).__name__}); {fix}") from e
     if not tok.is_fast:

@@ -61,8 +61,7 @@ def _saver(model: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
     n_vocab = model.config.vocab_size  # the trainer may pad the head in memory; the saved model is not padded
 
     def save() -> None:
-        save_model(model, out, n_vocab)
-        tokenizer.save_pretrained(out)
+        save_model(model, out, n_vocab, tokenizer)
 
     return save
 

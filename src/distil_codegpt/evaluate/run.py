@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distil_codegpt.artifacts import check_vocab
 from distil_codegpt.compress.quantize import count_all_params, load_for_evaluation
 from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
 from distil_codegpt.data.line_completion import read_examples
-from distil_codegpt.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
 from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
@@ -39,11 +40,6 @@ def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]
 def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the model: predictions only mean something in the vocabulary it was trained on."""
     if looks_local(model):
-        if not any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
-            raise UserError(
-                f"model: {model} has no tokenizer (tokenizer.json); save the tokenizer with the model or copy the "
-                "tokenizer files it was trained with into that directory"
-            )
         return load_tokenizer(model)
     try:
         return AutoTokenizer.from_pretrained(model)
@@ -72,11 +68,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model = load_for_evaluation(cfg.model)[0].to(device).eval()
     if cfg.context:  # positions a model never trained on (beyond its training seq_len) only add noise
         families.set_context(model, min(families.context(model), cfg.context))
-    if len(tok) > model.config.vocab_size:
-        raise ConfigError(
-            f"model: tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "
-            "pass the tokenizer the model was trained with"
-        )
+    check_vocab(model.config.vocab_size, tok, cfg.model)
     torch.manual_seed(cfg.seed)
     inputs = [ex.input for ex in examples]
     stops = StopIds.of(tok)

@@ -8,15 +8,16 @@ tokenizer the model is trained with.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from distil_codegpt.artifacts import check_config, check_weights, first_line
 from distil_codegpt.config import ConfigError, UserError
 from distil_codegpt.model import families
+from distil_codegpt.runinfo import staged_files
 
 # GPT-2's own values (https://huggingface.co/openai-community/gpt2/blob/main/config.json), shared by the GPT-2
 # presets so that a preset only states its shape. n_inner None means 4 * n_embd; the LM head is the input
@@ -129,10 +130,7 @@ def model_type_of(name_or_path: str, *, role: str = "model") -> str | None:
                 f"{role}: {name_or_path!r}: not a model directory (no config.json); pass a directory written by "
                 "`distil-codegpt train` or `import`, a .gguf file or a hub id"
             )
-        try:
-            return json.loads((path / "config.json").read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
-            raise UserError(f"{role}: {str(path / 'config.json')!r} is not a JSON object ({e}); fix or remove it")
+        return check_config(path, role=role).get("model_type")
     try:
         return AutoConfig.from_pretrained(name_or_path).model_type
     except (OSError, ValueError) as e:
@@ -156,7 +154,17 @@ def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrain
 
     source = resolve_model(name_or_path, role=role)
     families.family_name(model_type_of(source, role=role), what=f"{role} {name_or_path!r}")
-    return apply_saved_trim(AutoModelForCausalLM.from_pretrained(source, **kw), source)  # a trimmed head
+    local = looks_local(source)
+    if local:
+        check_weights(Path(source).expanduser(), role=role)
+    try:
+        return apply_saved_trim(AutoModelForCausalLM.from_pretrained(source, **kw), source)  # a trimmed head
+    except (RuntimeError, ValueError, OSError) as e:  # weights that do not fit the config, an unreadable file
+        if not local:
+            raise
+        raise UserError(
+            f"{role}: {source}: its weights do not load ({first_line(e)[:160]}); copy the model again or rebuild it"
+        ) from e
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -195,14 +203,18 @@ def pad_vocab(model: PreTrainedModel, multiple: int) -> int:
     return min(rows, model.config.vocab_size)
 
 
-def save_model(model: PreTrainedModel, out: str | Path, n_vocab: int | None = None) -> None:
-    """`save_pretrained` (safetensors), first trimming a head padded by `pad_vocab` back to `n_vocab` rows."""
+def save_model(model: PreTrainedModel, out: str | Path, n_vocab: int | None = None, tokenizer: Any = None) -> None:
+    """`save_pretrained` (safetensors) with the tokenizer, first trimming a head padded by `pad_vocab` back to
+    `n_vocab` rows; every file lands whole (`staged_files`), so a full disk mid-save keeps the previous model."""
     state = model.state_dict()
     if n_vocab is not None:
         for key in {families.embedding_key(model), families.head_key(model)}:
             if key in state and state[key].size(0) > n_vocab:
                 state[key] = state[key][:n_vocab]
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    with staged_files(out) as stage:
+        model.save_pretrained(stage, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
     from distil_codegpt.compress.trim import save_kept
 
     save_kept(model, out)  # a trimmed head: its kept ids beside the weights
