@@ -36,6 +36,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from distil_codegpt.artifacts import check_config, check_vocab, load_torch_file
 from distil_codegpt.compress.prune import apply_pruned_heads
 from distil_codegpt.config import UserError
 from distil_codegpt.model import families
@@ -184,6 +185,7 @@ def load_int8(path: str | Path) -> PreTrainedModel:
         raise UserError(
             f"model: {weights}: missing; rebuild the artifact with `distil-codegpt compress --quantize int8`"
         )
+    check_config(path, role="model")
     config = AutoConfig.from_pretrained(path)
     families.family(config, what=f"model {str(path)!r}")
     from distil_codegpt.compress.trim import apply_saved_trim
@@ -194,7 +196,7 @@ def load_int8(path: str | Path) -> PreTrainedModel:
     quantize_int8(apply_saved_trim(model, path))  # a trimmed head: its int8 layer of the kept rows
     embedding = families.embedding_key(model)
     with _quiet():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch_file(weights, fix="rebuild the artifact with `distil-codegpt compress --quantize int8`")
         if embedding in state and state[embedding].is_quantized:  # a trimmed model's int8 embedding
             state[embedding] = state[embedding].dequantize()
         result = model.load_state_dict(state, strict=False)
@@ -217,7 +219,9 @@ class QuantizedTorchEngine(TorchEngine):
 
         if torch.device(device).type != "cpu":
             raise UserError(f"device: {device!r}: int8 artifacts run on CPU only; pass --device cpu")
-        return cls(load_int8(path), load_tokenizer(path), Path(path), "cpu")
+        model, tok = load_int8(path), load_tokenizer(path)
+        check_vocab(model.config.vocab_size, tok, path)
+        return cls(model, tok, Path(path), "cpu")
 
 
 def load_for_evaluation(path: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
