@@ -158,13 +158,14 @@ def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrain
     if local:
         check_weights(Path(source).expanduser(), role=role)
     try:
-        return apply_saved_trim(AutoModelForCausalLM.from_pretrained(source, **kw), source)  # a trimmed head
+        model = AutoModelForCausalLM.from_pretrained(source, **kw)
     except (RuntimeError, ValueError, OSError) as e:  # weights that do not fit the config, an unreadable file
         if not local:
             raise
         raise UserError(
-            f"{role}: {source}: its weights do not load ({first_line(e)[:160]}); copy the model again or rebuild it"
+            f"{role}: {source}: its weights do not load ({first_line(e)}); copy the model again or rebuild it"
         ) from e
+    return apply_saved_trim(model, source)  # a trimmed head
 
 
 def count_params(model: torch.nn.Module) -> int:
