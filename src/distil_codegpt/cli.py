@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from distil_codegpt import __version__
@@ -226,9 +227,13 @@ def make_parser() -> argparse.ArgumentParser:
         description="Distil code models (GPT-2, Llama, Qwen2, GPT-NeoX) into small, fast students; measure each step.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # absent unless given (SUPPRESS), before the verb or after it
+    debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": "on an error, show the traceback"}
+    parser.add_argument("--debug", **debug)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (cls, _, desc) in VERBS.items():
         p = sub.add_parser(verb, help=desc, description=f"{desc}. {cls.__doc__ or ''}".strip())
+        p.add_argument("--debug", **debug)
         if verb in POSITIONAL_CONFIG:
             p.add_argument("config", metavar="CONFIG.yaml", help="YAML file of field: value (flags override it)")
         else:
@@ -241,15 +246,38 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwritten(cfg: Any, first: int) -> str:
+    """What a run that ended in an error did to its --out: unchanged, or which files it wrote and that its
+    run.json (written last, when a stage finishes) is not among them. Empty for a new, still empty --out."""
+    from distil_codegpt.runinfo import WRITTEN
+
+    out = Path(str(getattr(cfg, "out", "") or "")).expanduser()
+    if not str(getattr(cfg, "out", "") or "") or not out.is_dir() or not any(out.iterdir()):
+        return ""
+    out = out.resolve()
+    mine = sorted({str(p.resolve().relative_to(out)) for p in WRITTEN[first:] if p.resolve().is_relative_to(out)})
+    if not mine:
+        return f" ({out}: nothing written, its earlier contents are unchanged)"
+    shown = ", ".join(mine[:4]) + (f" and {len(mine) - 4} more" if len(mine) > 4 else "")
+    return f" ({out}: wrote {shown}; not written: run.json, the stage did not finish)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from distil_codegpt.runinfo import WRITTEN
+
     args = make_parser().parse_args(argv)
     cls, run, _ = VERBS[args.verb]
-    values = {k: v for k, v in vars(args).items() if k not in ("verb", "config")}
+    debug = getattr(args, "debug", False)
+    values = {k: v for k, v in vars(args).items() if k not in ("verb", "config", "debug")}
+    cfg, first = None, len(WRITTEN)
     try:
         cfg = build_config(cls, values, args.config)
         run(cfg)
-    except (ConfigError, UserError) as e:
-        print(f"distil-codegpt {args.verb}: error: {e}", file=sys.stderr)
+    except (ConfigError, UserError, OSError) as e:
+        if debug:
+            raise
+        line = str(e) if not isinstance(e, OSError) else f"{e.filename or ''}: {e.strerror or e}; check the path"
+        print(f"distil-codegpt {args.verb}: error: {line}{_unwritten(cfg, first)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distil-codegpt {args.verb}: interrupted", file=sys.stderr)
