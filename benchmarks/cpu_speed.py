@@ -126,11 +126,16 @@ def main() -> None:
         return
     work = Path(a.work or tempfile.mkdtemp(prefix="cpu_speed."))
     made = artifacts(a, work)
-    rows = [("kd fp32", "kd", a.student, "fp32"), ("kd bf16", "kd", a.student, "bf16")]
-    rows += [("decode fp32", "decode", a.student, "fp32"), ("decode bf16", "decode", a.student, "bf16")]
-    rows += [("decode int8", "decode", made["int8"], "fp32"), ("decode trimmed fp32", "decode", made["trimmed"], "fp32")]
-    rows += [("decode trimmed bf16", "decode", made["trimmed"], "bf16")]
-    rows += [("decode trimmed int8", "decode", made["trimmed-int8"], "fp32")]
+    rows = [
+        ("kd fp32", "kd", a.student, "fp32"),
+        ("kd bf16", "kd", a.student, "bf16"),
+        ("decode fp32", "decode", a.student, "fp32"),
+        ("decode bf16", "decode", a.student, "bf16"),
+        ("decode int8", "decode", made["int8"], "fp32"),
+        ("decode trimmed fp32", "decode", made["trimmed"], "fp32"),
+        ("decode trimmed bf16", "decode", made["trimmed"], "bf16"),
+        ("decode trimmed int8", "decode", made["trimmed-int8"], "fp32"),
+    ]
     trim = json.loads((Path(made["trimmed"]) / "run.json").read_text())["metrics"]["trim"]
     print(
         f"student {a.student}; teacher {a.teacher}; KD batch {a.batch_size} x {a.seq_len}; decode: prompt"
