@@ -261,7 +261,8 @@ class Completer:
                 return _End("\n".join(kept), "indent")
             if i and again and (ended or final) and line.strip() == again:
                 return _End("\n".join(kept), "suffix")
-            kept.append(line.rstrip())
+            if ended or line.strip() or not kept:  # a blank start of a line waits for what follows it
+                kept.append(line.rstrip())
             if ended and (len(kept) >= limit or late):
                 return _End("\n".join(kept), "eol")
         return _End("\n".join(kept))
@@ -285,8 +286,9 @@ class Completer:
         result["notes"] += p.notes
         result.update(prompt_tokens=len(p.ids), truncated=p.truncated)
         stops = [s for s in job.stop if s] + list(MARKERS)
-        # never send the start of a stop string, nor what the suffix may prove a repeat of
-        hold = max(max(len(s) for s in stops) - 1, len(job.suffix.split("\n", 1)[0].strip()))
+        # held back: a tail that may begin a stop string, or the rest of the cursor's line (then a repeat to drop)
+        held = [*stops, job.suffix.split("\n", 1)[0].strip()]
+        again = next_suffix_line(job.suffix) if self.mode == "raw" else ""
         sent, ids, end = "", [], _End()
         kw: dict[str, Any] = {"temperature": job.temperature, "top_p": job.top_p, "seed": job.seed}
         if p.allowed:
@@ -299,7 +301,10 @@ class Completer:
             end = self._cut(p, job, stops, ids, first, final=False)
             if end.why is not None:
                 break
-            ready = end.text[: len(end.text) - hold] if hold else end.text
+            tail = _tail_of_a_start(end.text, held)
+            if again and (nl := end.text.rfind("\n")) >= 0 and again.startswith(end.text[nl + 1 :].strip()):
+                tail = max(tail, len(end.text) - nl)  # a line that may turn out to repeat the suffix's next one
+            ready = end.text[: len(end.text) - tail]
             if ready.startswith(sent) and len(ready) > len(sent):
                 yield ready[len(sent) :]
                 sent = ready
@@ -333,6 +338,8 @@ class Completer:
             late = bool(job.predict_ms) and first is not None and 1000 * (time.perf_counter() - first) > job.predict_ms
             lines = self._lines(end.text, job, final or end.why is not None, late)
             end = lines if lines.why is not None else _End(lines.text, end.why, end.word)
+        if final and (k := _partial_marker(end.text)):  # cut off at the token limit inside a template marker
+            end = _End(end.text[:-k], end.why, end.word)
         if final or end.why is not None:  # the cursor's line is complete: drop what the code after the cursor holds
             head, sep, tail = end.text.partition("\n")
             if overlap := suffix_overlap(head, job.suffix):
@@ -344,6 +351,16 @@ class Completer:
         result: dict[str, Any] = {}
         text = "".join(self.stream(Job(prompt, max_tokens=max_tokens, **kw), result))
         return Completion(text, result["finish_reason"], result["notes"])
+
+
+def _tail_of_a_start(text: str, strings: list[str], shortest: int = 1) -> int:
+    """The length of the longest end of `text` that is a start (`shortest` characters or more) of one of `strings`."""
+    return max((k for s in strings for k in range(len(s), shortest - 1, -1) if text.endswith(s[:k])), default=0)
+
+
+def _partial_marker(text: str) -> int:
+    """Length of the start of a template marker (3 characters or more) that `text` ends with, else 0."""
+    return _tail_of_a_start(text, [m[:-1] for m in MARKERS], shortest=3)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

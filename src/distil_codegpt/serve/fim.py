@@ -69,7 +69,8 @@ class Parts:
 
 def split_prompt(prompt: str) -> Parts:
     """Prefix, suffix and context of a prompt in any known template; a plain prompt is all prefix."""
-    if (m := _HOLE.search(prompt)) or (m := _BLANK.search(prompt)):
+    last_query = prompt.rfind("<QUERY>\n")  # the hole filler shows examples first; the real query is the last
+    if (m := _HOLE.match(prompt, max(last_query, 0))) or (m := _BLANK.search(prompt)):
         return Parts(m.group(1), m.group(2), template="instruction")
     for name, t in TEMPLATES.items():
         if t.spm:
@@ -100,7 +101,8 @@ def _with_context(parts: Parts, head: str, t: Template) -> Parts:
         return parts
     if t.file_sep and t.file_sep in head:
         chunks = head.split(t.file_sep)[1:]  # what precedes the first separator is the repository name
-        parts.extra = [(("", c) if t.repo and not c.strip() else _first_line_name(c)) for c in chunks if c.strip()]
+        files = [_first_line_name(c) for c in chunks if c.strip()]
+        parts.extra = [(name, text) for name, text in files if text.strip()]  # the last names the current file
     return parts
 
 
