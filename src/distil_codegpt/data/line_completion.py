@@ -114,13 +114,16 @@ def read_examples(path: str | Path) -> list[LineExample]:
     if not path.is_file():
         raise UserError(f"{path}: no such line-completion file; build one with `distil-codegpt corpus`")
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported with its number, like any other
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
                 out.append(LineExample(str(obj["input"]), str(obj["gt"])))
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno}: not a JSON object with 'input' and 'gt'; fix or rebuild the file")
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise UserError(
+                    f"{path}:{lineno}: not a JSON object with 'input' and 'gt'; fix that line or rebuild the file"
+                    " with `distil-codegpt corpus`"
+                ) from None
     return out

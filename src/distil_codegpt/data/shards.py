@@ -6,7 +6,7 @@ Layout of a shard directory (default `<data>/shards/<tokenizer fingerprint>/`), 
   <split>.idx.npy  int64 offset of each document's first token, for document-aligned use
   <split>.json     header: dtype, counts, and the tokenizer and corpus fingerprints the ids were made from
 
-The header is written last and removed before a rebuild starts, and the files land by os.replace, so a build
+The header is written last and removed before a rebuild starts, and the files land synced, by os.replace, so a build
 that dies half way never leaves a shard that looks complete. Shards whose header matches the current tokenizer
 and corpus content are reused: packing happens once, on first use (`ensure_shards`).
 """
@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from distil_codegpt.artifacts import check_size, read_json
 from distil_codegpt.config import ShardsConfig, UserError, build_config
 from distil_codegpt.data.formats import SPLITS, corpus_format, read_documents
 from distil_codegpt.data.tokenizer import (
@@ -34,6 +35,7 @@ from distil_codegpt.data.tokenizer import (
     tokenizer_fingerprint,
     tokenizer_meta,
 )
+from distil_codegpt.runinfo import raise_storage_error, replace_into
 
 SHARD_FORMAT = 1  # bump when the layout changes, so old shards are rebuilt
 CHUNK_DOCS = 1024  # documents per encode_batch call: enough to keep the Rust threads busy, little memory
@@ -92,12 +94,13 @@ class TokenShard:
         base = Path(shard_dir) / split
         self.split = split
         self.base = base
-        self.header = _read_header(Path(f"{base}.json"))
-        if self.header is None:
-            raise UserError(
-                f"{base}.json: missing; build the shards with `distil-codegpt shards --data DATA --tokenizer TOK`"
-            )
-        n, dtype = self.header["n_tokens"], np.dtype(self.header["dtype"])
+        rebuild = f"build the shards with `distil-codegpt shards --data DATA --tokenizer TOK --out {base.parent}`"
+        self.header = read_json(f"{base}.json", fix=rebuild)
+        try:
+            n, dtype = int(self.header["n_tokens"]), np.dtype(self.header["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{base}.json: not a shard header (no n_tokens or dtype); {rebuild}") from None
+        check_size(f"{base}.bin", n * dtype.itemsize, fix=rebuild)  # a memmap past the end would fail at random
         # np.memmap cannot map an empty file; an empty split is an empty array.
         self.tokens = np.memmap(f"{base}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
         self.vocab_size: int = self.header["vocab_size"]
@@ -214,9 +217,12 @@ def _build_split(data: Path, split: str, fmt: str, tok: PreTrainedTokenizerFast,
             "tokens_per_s": round(n_tokens / max(seconds, 1e-9)),
         }
         header_tmp.write_text(json.dumps(header, indent=2) + "\n")
-        os.replace(bin_tmp, out / f"{split}.bin")
-        os.replace(idx_tmp, out / f"{split}.idx.npy")
-        os.replace(header_tmp, header_path)
+        replace_into(bin_tmp, out / f"{split}.bin")
+        replace_into(idx_tmp, out / f"{split}.idx.npy")
+        replace_into(header_tmp, header_path)  # last: a header means its files are complete
+    except OSError as e:
+        raise_storage_error(out / f"{split}.bin", e)
+        raise
     finally:
         for p in (bin_tmp, idx_tmp, header_tmp):
             p.unlink(missing_ok=True)

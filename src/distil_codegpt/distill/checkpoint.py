@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -52,6 +53,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _keep_previous(path: Path, prev: Path) -> None:
+    """last.pt becomes last.prev.pt through a hard link, so that at every moment a whole last.pt exists."""
+    link = prev.with_name(f".{prev.name}.link")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links: a copy does the same, slower
+        shutil.copyfile(path, link)
+    os.replace(link, prev)
+
+
 def save_checkpoint(out: str | Path, state: dict[str, Any]) -> Path:
     path = checkpoint_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +72,7 @@ def save_checkpoint(out: str | Path, state: dict[str, Any]) -> Path:
     try:
         torch.save({**state, "rng": rng_state()}, tmp)
         if path.is_file():
-            os.replace(path, previous_path(out))
+            _keep_previous(path, previous_path(out))
         replace_into(tmp, path)
     except OSError as e:
         raise_storage_error(path, e)

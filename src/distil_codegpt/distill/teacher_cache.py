@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
+from distil_codegpt.artifacts import check_size, read_json
 from distil_codegpt.config import CacheTeacherConfig, ConfigError, UserError, to_dict
 from distil_codegpt.data.shards import TokenShard, ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
@@ -245,9 +246,9 @@ class TeacherCache:
     def __init__(self, cache_dir: str | Path) -> None:
         self.cache_dir = Path(cache_dir)
         build = f"`distil-codegpt cache-teacher --teacher DIR --data DIR --out {self.cache_dir}`"
-        header = _read_header(self.cache_dir / HEADER)
-        if header is None:
+        if not (self.cache_dir / HEADER).is_file():
             raise UserError(f"teacher_cache: {self.cache_dir} holds no {HEADER}; build the cache with {build}")
+        header = read_json(self.cache_dir / HEADER, fix=f"rebuild the cache with {build}")
         if header.get("cache_format") != CACHE_FORMAT:
             raise UserError(
                 f"teacher_cache: {self.cache_dir} has cache format {header.get('cache_format')!r}, this version reads"
@@ -258,10 +259,12 @@ class TeacherCache:
                 f"teacher_cache: {self.cache_dir} is incomplete ({header.get('windows_done')} of"
                 f" {header.get('n_windows')} windows); finish it by rerunning {build} with the same settings"
             )
-        if not _files_ok(self.cache_dir, header):
-            raise UserError(
-                f"teacher_cache: {self.cache_dir} has missing or truncated .bin files; rebuild it with {build}"
-            )
+        try:
+            shapes = _shapes(header)
+        except (KeyError, TypeError):
+            raise UserError(f"teacher_cache: {self.cache_dir / HEADER} lacks its array sizes; rebuild it with {build}")
+        for name, (dtype, shape) in shapes.items():
+            check_size(self.cache_dir / name, dtype.itemsize * int(np.prod(shape)), fix=f"rebuild it with {build}")
         self.header: dict = header
         self.seq_len: int = header["seq_len"]
         self.top_k: int = header["top_k"]
