@@ -2,7 +2,8 @@
 
     distil-codegpt serve --model runs/demo/student-8 &
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 200 --concurrency 4 \\
-        --prompts runs/demo/data/line_completion/test.json --max-tokens 32 --timeout 30
+        --prompts runs/demo/data/line_completion/test.json --max-tokens 32 --timeout 30 \\
+        --protocols openai,infill,ollama --cancel-every 5
 
 Prompts are the inputs of a line-completion file turned into the raw code an editor would send (normalised
 CodeXGLUE inputs are denormalised; raw-mode inputs are used as they are), cycled to N; without --prompts a few
@@ -51,23 +52,47 @@ def load_prompts(path: str | None) -> list[str]:
     return prompts or SNIPPETS
 
 
-def post(url: str, body: dict, timeout: float) -> tuple[str, float, float, int]:
-    """One request: (outcome, seconds to the whole answer, seconds to the first byte of it, completion tokens)."""
+PATHS = {"openai": "/v1/completions", "infill": "/infill", "ollama": "/api/generate"}
+
+
+def body_for(protocol: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+    if protocol == "infill":
+        return {"input_prefix": prompt, "input_suffix": "", "n_predict": max_tokens, "stream": stream}
+    if protocol == "ollama":
+        return {"model": "m", "prompt": prompt, "options": {"num_predict": max_tokens}, "stream": stream}
+    return {"prompt": prompt, "max_tokens": max_tokens, "stream": stream, "temperature": 0}
+
+
+def finished(protocol: str, data: bytes, stream: bool) -> tuple[bool, int]:
+    """(the answer is whole, completion tokens or streamed pieces) in each protocol's shape."""
+    if protocol == "ollama":
+        lines = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
+        return bool(lines) and lines[-1].get("done") is True, lines[-1].get("eval_count", 0) if lines else 0
+    if not stream:
+        body = json.loads(data)
+        return True, body["usage"]["completion_tokens"] if protocol == "openai" else body["tokens_predicted"]
+    events = [e[len("data: ") :] for e in data.decode().split("\n\n") if e.startswith("data: ")]
+    if protocol == "openai":
+        return bool(events) and events[-1] == "[DONE]", len(events) - 2
+    return bool(events) and json.loads(events[-1]).get("stop") is True, len(events) - 1
+
+
+def post(url: str, protocol: str, body: dict, timeout: float, hang_up: bool) -> tuple[str, float, float, int]:
+    """One request: (outcome, seconds to the whole answer, seconds to the first byte of it, completion tokens).
+    With `hang_up`, the client closes the connection after the first byte, as an editor cancels a request."""
     req = urllib.request.Request(
-        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        f"{url}{PATHS[protocol]}", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             first = r.read(1)
             t_first = time.perf_counter() - t0
+            if hang_up:
+                return "cancelled", t_first, t_first, 0
             data = first + r.read()
-        if body["stream"]:
-            events = [e[len("data: ") :] for e in data.decode().split("\n\n") if e.startswith("data: ")]
-            if not events or events[-1] != "[DONE]":
-                return "stream_not_done", time.perf_counter() - t0, t_first, 0
-            return "ok", time.perf_counter() - t0, t_first, len(events) - 2  # pieces, not tokens, when streamed
-        return "ok", time.perf_counter() - t0, t_first, json.loads(data)["usage"]["completion_tokens"]
+        whole, tokens = finished(protocol, data, body["stream"])
+        return ("ok" if whole else "stream_not_done"), time.perf_counter() - t0, t_first, tokens
     except urllib.error.HTTPError as e:
         return f"http_{e.code}", time.perf_counter() - t0, 0.0, 0
     except TimeoutError:
@@ -89,7 +114,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_load(a: argparse.Namespace, prompts: list[str]) -> tuple[list[tuple[str, float, float, int]], float]:
     """Send the requests from --concurrency threads; stop at --requests or when --duration has passed."""
-    cycle = itertools.islice(itertools.cycle(prompts), a.requests)
+    protocols = a.protocols.split(",")
+    cycle = itertools.islice(enumerate(itertools.cycle(prompts)), a.requests)
     lock = threading.Lock()
     results: list[tuple[str, float, float, int]] = []
     t0 = time.perf_counter()
@@ -98,11 +124,13 @@ def run_load(a: argparse.Namespace, prompts: list[str]) -> tuple[list[tuple[str,
     def client() -> None:
         while time.perf_counter() < stop_at:
             with lock:
-                prompt = next(cycle, None)
+                k, prompt = next(cycle, (0, None))
             if prompt is None:
                 return
-            body = {"prompt": prompt, "max_tokens": a.max_tokens, "stream": a.stream, "temperature": 0}
-            result = post(a.url, body, a.timeout)
+            protocol = protocols[k % len(protocols)]
+            hang_up = bool(a.cancel_every) and k % a.cancel_every == a.cancel_every - 1
+            body = body_for(protocol, prompt, a.max_tokens, a.stream or hang_up)
+            result = post(a.url, protocol, body, a.timeout, hang_up)
             with lock:
                 results.append(result)
 
@@ -125,7 +153,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=300.0, help="no request starts after this many seconds")
     p.add_argument("--stream", action="store_true", help="ask for server-sent events (latency to first byte too)")
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not this machine")
+    p.add_argument("--protocols", default="openai", help="comma list of openai, infill, ollama: used in turn")
+    p.add_argument("--cancel-every", type=int, default=0, help="every K-th request hangs up after its first byte")
     a = p.parse_args()
+    if set(a.protocols.split(",")) - set(PATHS):
+        print(f"serve_load: --protocols {a.protocols!r}: use a comma list of {', '.join(PATHS)}", file=sys.stderr)
+        return 2
     a.url = a.url.rstrip("/")
     from distil_codegpt.serve.server import is_loopback
 
@@ -152,10 +185,14 @@ def main() -> int:
     )
     results, wall = run_load(a, prompts)
     ok = [r for r in results if r[0] == "ok"]
-    errors = Counter(r[0] for r in results if r[0] != "ok")
+    cancelled = sum(r[0] == "cancelled" for r in results)
+    errors = Counter(r[0] for r in results if r[0] not in ("ok", "cancelled"))
     lat = [r[1] * 1000 for r in ok]
     tokens = sum(r[3] for r in ok)
-    print(f"sent {len(results)} in {wall:.1f} s: ok {len(ok)}, errors {sum(errors.values())}", end="")
+    print(
+        f"sent {len(results)} in {wall:.1f} s: ok {len(ok)}, cancelled {cancelled}, errors {sum(errors.values())}",
+        end="",
+    )
     print(f" ({', '.join(f'{k}: {v}' for k, v in errors.most_common())})" if errors else "")
     print(
         f"throughput {len(ok) / wall:.2f} req/s, {tokens / wall:.1f} completion {'pieces' if a.stream else 'tokens'}/s"
@@ -166,7 +203,13 @@ def main() -> int:
         print(f"first byte ms  p50 {percentile(first, 0.5):.1f}  p95 {percentile(first, 0.95):.1f}")
     if len(results) < a.requests:
         print(f"stopped after --duration {a.duration:.0f} s with {a.requests - len(results)} requests unsent")
-    return 0 if ok else 1
+    try:
+        with urllib.request.urlopen(f"{a.url}/health", timeout=a.timeout) as r:
+            print(f"after: /health {json.load(r)['status']}")
+    except (OSError, ValueError) as e:
+        print(f"after: the server does not answer /health ({e})")
+        return 1
+    return 0 if ok and not errors else 1
 
 
 if __name__ == "__main__":

@@ -321,3 +321,19 @@ def test_the_openai_client(app_client: TestClient, reference: Completer) -> None
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_a_file_longer_than_the_context_still_hits_the_cache(raw_dir: Path) -> None:
+    """The start of an over-long prompt drops by whole blocks (an eighth of the context), so the next keystroke's
+    prompt shares it, unless its growth crosses a block's end."""
+    engine = load_engine(raw_dir, cache_slots=1)
+    c, plain = Completer(engine), Completer(load_engine(raw_dir))
+    long = CODE * 12  # far more than the 256 positions of the tiny model
+    hits = []
+    for extra in ("x", "x = ", "x = os", "x = os.path", "x = os.path.join("):
+        r: dict[str, Any] = {}
+        text = "".join(c.stream(Job(long + extra, max_tokens=8), r))
+        assert r["truncated"] and r["prompt_tokens"] <= engine.context - 8
+        assert text == plain.complete(long + extra, 8).text
+        hits.append(r["cached_tokens"])
+    assert hits[0] == 0 and sorted(hits[1:])[1] > 150

@@ -180,7 +180,10 @@ class Completer:
         text, healed, allowed = self._heal(job.prefix, m.group(0) if m else "")
         ids = head + self._encode(text)
         truncated = len(ids) > room
-        ids = ids[-room:]
+        if truncated:  # the start drops by whole blocks, so that the next prompt still shares it (the KV cache)
+            block = max(room // 8, 1)
+            drop = -(-(len(ids) - room) // block) * block
+            ids = head + ids[len(head) + drop :] if room > len(head) + block else ids[-room:]
         for name, chunk in reversed(job.extra):
             doc = head + self._encode(f"# {name}\n{chunk}\n" if name else f"{chunk}\n")
             if len(doc) + len(ids) > room:
