@@ -337,3 +337,19 @@ def test_a_file_longer_than_the_context_still_hits_the_cache(raw_dir: Path) -> N
         assert text == plain.complete(long + extra, 8).text
         hits.append(r["cached_tokens"])
     assert hits[0] == 0 and sorted(hits[1:])[1] > 150
+
+
+def test_a_fim_model_reads_its_own_template(raw_dir: Path, tmp_path: Path) -> None:
+    from distil_codegpt.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(raw_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]})
+    engine = ScriptedEngine(tok, tmp_path, tok.encode("a, b"))
+    c = Completer(engine, fim="starcoder")
+    prompt = continue_prompt("qwen", PREFIX, SUFFIX)  # whatever the client built, the model gets its own
+    assert c.complete(PREFIX, 8, suffix=SUFFIX).text == "a, b"
+    read = tok.decode(engine.prompts[0])
+    assert read == f"<|endoftext|><fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>"
+    assert split_prompt(prompt).prefix == PREFIX
+    with pytest.raises(ConfigError, match="no <fim_prefix>"):
+        Completer(ScriptedEngine(load_tokenizer(raw_dir), tmp_path, []), fim="starcoder")
