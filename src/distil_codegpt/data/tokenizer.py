@@ -44,6 +44,7 @@ from distil_codegpt.data.normalize import (
     default_literals_path,
     load_literals,
 )
+from distil_codegpt.runinfo import staged_files
 
 PAD, UNK = "<pad>", "<|UNKNOWN|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, UNK]  # ids 0..3, in this order
@@ -125,23 +126,24 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
         clean_up_tokenization_spaces=False,
         split_special_tokens=fmt == "raw",
     )
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
-    # transformers 5 records its class as TokenizersBackend, a name transformers 4 cannot load; both resolve this one.
-    config_path = out / "tokenizer_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": FAST_CLASS}, indent=2))
-    summary = {
-        "vocab_size": len(hf),
-        "n_docs": n_docs,
-        "seconds": round(time.perf_counter() - start, 3),
-        "format": fmt,
-        "literals": str(literals_path) if literals_path else None,
-        "n_added_tokens": len(added),
-        "min_frequency": cfg.min_frequency,
-        "train_corpus_fingerprint": corpus_fp,
-        "fingerprint": tokenizer_fingerprint(out),
-    }
-    (out / META_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    with staged_files(out) as stage:  # each file lands whole, or the previous one stays
+        hf.save_pretrained(stage)
+        # transformers 5 records its class as TokenizersBackend, a name transformers 4 cannot load; both resolve this.
+        config_path = stage / "tokenizer_config.json"
+        config = {**json.loads(config_path.read_text()), "tokenizer_class": FAST_CLASS}
+        config_path.write_text(json.dumps(config, indent=2))
+        summary = {
+            "vocab_size": len(hf),
+            "n_docs": n_docs,
+            "seconds": round(time.perf_counter() - start, 3),
+            "format": fmt,
+            "literals": str(literals_path) if literals_path else None,
+            "n_added_tokens": len(added),
+            "min_frequency": cfg.min_frequency,
+            "train_corpus_fingerprint": corpus_fp,
+            "fingerprint": tokenizer_fingerprint(stage),
+        }
+        (stage / META_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

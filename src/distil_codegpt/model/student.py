@@ -22,7 +22,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from distil_codegpt.config import ConfigError, StudentConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb, resolve_model
+from distil_codegpt.model.presets import (
+    count_params,
+    load_model,
+    looks_local,
+    model_size_mb,
+    resolve_model,
+    save_model,
+)
 from distil_codegpt.runinfo import write_manifest
 
 DATA_PICKS = ("influence", "angular")  # picks measured on dev windows of the teacher
@@ -158,7 +165,7 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
         copy_weights(source, student, picked)
 
     out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out, safe_serialization=True)
+    save_model(student, out)  # each file whole: a rerun over a damaged student keeps no half-written one
     tokenizer_files = copy_tokenizer(resolve_model(cfg.teacher, role="teacher"), out)
     summary: dict[str, Any] = {
         "init": init,
