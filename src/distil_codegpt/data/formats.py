@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import UserError
 
 FORMATS = ("codexglue", "raw")
@@ -19,9 +20,10 @@ def corpus_format(data_dir: str | Path) -> str:
         raise UserError(
             f"{data_dir}: no corpus.json; build the corpus first with `distil-codegpt corpus --out {data_dir}`"
         )
-    fmt = json.loads(manifest.read_text())["config"]["format"]
+    fix = f"rebuild the corpus with `distil-codegpt corpus --out {data_dir}`"
+    fmt = read_json(manifest, fix=fix).get("config", {}).get("format")
     if fmt not in FORMATS:
-        raise UserError(f"{manifest}: unknown format {fmt!r}; rebuild the corpus")
+        raise UserError(f"{manifest}: unknown format {fmt!r}; {fix}")
     return fmt
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import ConfigError, TokenizerConfig, UserError
 from distil_codegpt.data.formats import corpus_format, read_documents
 from distil_codegpt.data.normalize import (
@@ -221,7 +222,11 @@ def tokenizer_fingerprint(path: str | Path) -> str:
 def tokenizer_meta(path: str | Path) -> dict | None:
     """What `train_tokenizer` recorded (format, literal list...), or None for a tokenizer made elsewhere."""
     meta = Path(path) / META_FILE
-    return json.loads(meta.read_text()) if meta.is_file() else None
+    return (
+        read_json(meta, fix=f"train the tokenizer again with `distil-codegpt tokenizer --out {path}`")
+        if meta.is_file()
+        else None
+    )
 
 
 DOC_SEPARATOR = "<|endoftext|>"  # GPT-2's, and what SmolLM, StarCoder and Qwen2 put between pretraining documents

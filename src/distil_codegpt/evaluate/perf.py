@@ -6,7 +6,6 @@ compare by parameter count; `disk_mb` is what the checkpoint really takes (fp16 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distil_codegpt.config import UserError
-from distil_codegpt.data.formats import FORMATS, decode_document
+from distil_codegpt.data.formats import FORMATS, corpus_format, decode_document
 from distil_codegpt.data.tokenizer import encode_documents
 from distil_codegpt.evaluate.completion import StopIds, complete
 from distil_codegpt.model import families
@@ -75,7 +74,7 @@ def read_token_file(path: str | Path) -> tuple[list[str], str]:
     lines = [x for x in path.read_text(encoding="utf-8").split("\n") if x]
     manifest = path.parent / "corpus.json"
     if manifest.is_file():
-        fmt = json.loads(manifest.read_text())["config"]["format"]
+        fmt = corpus_format(path.parent)
     else:
         fmt = "raw" if lines and lines[0].startswith('"') else "codexglue"
     if fmt not in FORMATS:

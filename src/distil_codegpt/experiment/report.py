@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import ReportConfig, UserError
 from distil_codegpt.runinfo import atomic_open, atomic_write_text
 
@@ -56,10 +56,7 @@ class Row:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable JSON ({e}); re-run the stage that wrote it") from e
+    return read_json(path, fix="re-run the stage that wrote it", kind=object)
 
 
 def _load_metrics(path: Path) -> dict[str, Any]:
