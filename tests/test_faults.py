@@ -29,7 +29,7 @@ from distil_codegpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distil_codegpt.distill.checkpoint import checkpoint_path, previous_path
 from distil_codegpt.distill.teacher_cache import build_cache
 from distil_codegpt.model.presets import preset_config
-from distil_codegpt.runinfo import atomic_open
+from distil_codegpt.runinfo import atomic_open, open_log
 
 REWRITE = "copy the model again, or rewrite it (`distil-codegpt train --resume` rewrites a training run's model)"
 CONFIG_FIX = "fix it, or copy config.json again from where the model came from"
@@ -359,8 +359,17 @@ def test_kill_9_mid_training_resumes_to_the_same_weights(tiny_data: dict, tmp_pa
     step = torch.load(checkpoint_path(killed), weights_only=False)["step"]
     assert at - 1 <= step < 12, (at, step)
     assert main(train(tiny_data, killed, *args, "--resume")) == 0
+    assert all(json.loads(ln) for ln in (killed / "metrics.jsonl").read_text().splitlines())  # no line cut short
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {step}"
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_before_appending(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "lo')
+    with open_log(log) as f:
+        f.write('{"step": 2}\n')
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_kill_9_mid_cache_build_resumes_to_the_same_files(tiny_data: dict, model_dir: Path, tmp_path: Path) -> None:

@@ -149,6 +149,18 @@ def staged_files(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def open_log(path: str | Path) -> Any:
+    """A JSON-lines log opened for appending. A last line cut short by a hard kill is dropped first, so that a
+    resumed run's lines do not run on from it and every line of the log still parses."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")  # the caller closes it
+
+
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 

@@ -41,6 +41,7 @@ from distil_codegpt.distill.losses import (
 )
 from distil_codegpt.model.families import tied_head
 from distil_codegpt.model.presets import pad_vocab
+from distil_codegpt.runinfo import open_log
 from distil_codegpt.runtime import autocast_dtype, pick_device
 
 CLM_ONLY = LossWeights(alpha_ce=0.0, alpha_clm=1.0, alpha_cos=0.0, alpha_mse=0.0)
@@ -410,7 +411,7 @@ class Trainer:
             seed_everything(cfg.seed)  # dropout draws from the global generators: same seed, same run
         # where the run starts from (a fresh run only: a resumed one has it in its first metrics.jsonl line)
         initial = {f"start_{k}": v for k, v in self._evaluate_all().items()} if not cfg.resume else {}
-        log = open(out / "metrics.jsonl", "a") if rt.main else None  # noqa: SIM115
+        log = open_log(out / "metrics.jsonl") if rt.main else None
         if log is not None and initial:
             _log(log, None, {"step": 0, "tokens": 0, **initial})
         writer = _tensorboard(out) if rt.main and cfg.tensorboard else None

@@ -8,7 +8,6 @@ is greedy or beam search, so the same model and file give the same predictions e
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distil_codegpt.artifacts import check_vocab
+from distil_codegpt.artifacts import check_vocab, read_json
 from distil_codegpt.compress.quantize import count_all_params, load_for_evaluation
 from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
 from distil_codegpt.data.line_completion import read_examples
@@ -108,7 +107,8 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
         times.append(1000 * (time.perf_counter() - t))
     lat = {"p50": _percentile(times, 50), "p95": _percentile(times, 95)} if times else {"p50": None, "p95": None}
     run = Path(cfg.model) / "run.json"
-    n_params = json.loads(run.read_text()).get("metrics", {}).get("params") if run.is_file() else None
+    meta = read_json(run, fix="export the model again with `distil-codegpt export`") if run.is_file() else {}
+    n_params = meta.get("metrics", {}).get("params")
     extra = {"gpu_mem_mb": None, "perplexity": None, "perplexity_tokens": None, "engine": engine.name}
     extra["batch_size"] = 1  # one example at a time
     return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, "cpu", None, t0)
