@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distil-codegpt {args.verb}: error: {line}{_unwritten(cfg, first)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"distil-codegpt {args.verb}: interrupted", file=sys.stderr)
+        print(f"distil-codegpt {args.verb}: interrupted{_unwritten(cfg, first)}", file=sys.stderr)
         return 130
     return 0
 
