@@ -53,11 +53,6 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, (err.strip().splitlines() or [""])[-1]
 
 
-def copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def cut(path: Path, keep: int | None = None) -> int:
     """Truncate a file to `keep` bytes (default: half), as a full disk or an interrupted copy leaves it."""
     size = path.stat().st_size
@@ -106,7 +101,7 @@ def unchanged(out: Path) -> str:
 
 
 def test_truncated_weights(tiny_data: dict, model_dir: Path, tmp_path: Path, earlier: Path, capsys) -> None:
-    bad = copy(model_dir, tmp_path / "bad")
+    bad = shutil.copytree(model_dir, tmp_path / "bad")
     size = cut(bad / "model.safetensors", 5000)
     before = snapshot(bad, earlier)
     rc, line = cli(capsys, *evaluate(tiny_data, bad, earlier))
@@ -139,7 +134,7 @@ def test_safetensors_header_check_is_exact(model_dir: Path, tmp_path: Path) -> N
     ],
 )
 def test_bad_config(model_dir: Path, tmp_path: Path, code: Path, config: str, detail: str, capsys) -> None:
-    bad = copy(model_dir, tmp_path / "bad")
+    bad = shutil.copytree(model_dir, tmp_path / "bad")
     text = (bad / "config.json").read_text()
     text = text.replace('"n_layer": 2', config) if config.startswith('"') else config
     (bad / "config.json").write_text(text)
@@ -151,7 +146,7 @@ def test_bad_config(model_dir: Path, tmp_path: Path, code: Path, config: str, de
 
 
 def test_missing_tokenizer(tiny_data: dict, model_dir: Path, tmp_path: Path, earlier: Path, capsys) -> None:
-    bad = copy(model_dir, tmp_path / "bad")
+    bad = shutil.copytree(model_dir, tmp_path / "bad")
     for f in bad.glob("tokenizer*"):
         f.unlink()
     before = snapshot(bad, earlier)
@@ -220,14 +215,14 @@ def ct2_engine(model_dir: Path) -> Path:
 
 def test_damaged_ctranslate2_engine(ct2_engine: Path, tmp_path: Path, code: Path, capsys) -> None:
     again = f"export it again with `distil-codegpt export --model {ct2_engine.parent / 'model'} --out NEW_DIR`"
-    bad = copy(ct2_engine, tmp_path / "cut")
+    bad = shutil.copytree(ct2_engine, tmp_path / "cut")
     cut(bad / "model.bin")
     rc, line = cli(capsys, "complete", code, "--model", bad)
     assert rc == 2
     assert line.startswith(f"distil-codegpt complete: error: model: CTranslate2 cannot load {bad}/model.bin on cpu (")
     assert line.endswith(f"); {again}")
 
-    bad = copy(ct2_engine, tmp_path / "vocab")
+    bad = shutil.copytree(ct2_engine, tmp_path / "vocab")
     vocab = json.loads((bad / "vocabulary.json").read_text())
     (bad / "vocabulary.json").write_text(json.dumps(vocab[:-1]))
     rc, line = cli(capsys, "complete", code, "--model", bad)
@@ -242,7 +237,7 @@ def test_damaged_ctranslate2_engine(ct2_engine: Path, tmp_path: Path, code: Path
 
 
 def test_shard_shorter_than_its_header(tiny_data: dict, tmp_path: Path) -> None:
-    data = copy(tiny_data["data"], tmp_path / "data")
+    data = shutil.copytree(tiny_data["data"], tmp_path / "data")
     shard_dir = data / "shards" / tokenizer_fingerprint(tiny_data["tok"])
     whole = (shard_dir / "train.bin").read_bytes()
     cut(shard_dir / "train.bin")
@@ -259,12 +254,14 @@ def test_shard_shorter_than_its_header(tiny_data: dict, tmp_path: Path) -> None:
 
 
 def test_cache_from_another_tokenizer(tiny_data: dict, model_dir: Path, tmp_path: Path, capsys) -> None:
-    data = copy(tiny_data["data"], tmp_path / "data")
+    data = shutil.copytree(tiny_data["data"], tmp_path / "data")
     cache = tmp_path / "cache"
     values = {"teacher": str(model_dir), "data": str(data), "tokenizer": str(tiny_data["tok"]), "out": str(cache)}
     values = {**values, "seq_len": 32, "max_windows": 4}
     build_cache(build_config(CacheTeacherConfig, {**values, "top_k": 4, "device": "cpu"}))
-    other = copy(tiny_data["tok"], tmp_path / "other-tok")  # the same vocabulary in another file: another tokenizer
+    other = shutil.copytree(
+        tiny_data["tok"], tmp_path / "other-tok"
+    )  # the same vocabulary in another file: another tokenizer
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")
     before = snapshot(cache)
     rc, line = cli(
@@ -338,10 +335,8 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
 
 
 def _logged_steps(out: Path) -> int:
-    try:
-        return sum(1 for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln)
-    except OSError:
-        return 0
+    log = out / "metrics.jsonl"
+    return log.read_text().count('"loss"') if log.is_file() else 0
 
 
 def test_kill_9_mid_training_resumes_to_the_same_weights(tiny_data: dict, tmp_path: Path) -> None:
@@ -375,8 +370,7 @@ def test_a_log_line_cut_by_a_kill_is_dropped_before_appending(tmp_path: Path) ->
 def test_kill_9_mid_cache_build_resumes_to_the_same_files(tiny_data: dict, model_dir: Path, tmp_path: Path) -> None:
     bins = ("train.ids.bin", "train.logp.bin", "train.tail.bin")
     values = {"teacher": str(model_dir), "data": str(tiny_data["data"]), "tokenizer": str(tiny_data["tok"])}
-    values = {**values, "seq_len": 16, "top_k": 4}
-    values = {**values, "max_windows": 40, "batch_size": 2, "device": "cpu", "threads": 1}
+    values = {**values, "seq_len": 16, "top_k": 4, "max_windows": 40, "batch_size": 2, "device": "cpu", "threads": 1}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     build_cache(build_config(CacheTeacherConfig, {**values, "out": str(straight)}))
     # in the child: progress saved after every batch, and batches slowed so that the kill lands mid-build

@@ -262,6 +262,12 @@ def _unwritten(cfg: Any, first: int) -> str:
     return f" ({out}: wrote {shown}; not written: run.json, the stage did not finish)"
 
 
+def _os_error(e: OSError) -> str:
+    """A file the system refused (permission, a directory where a file was expected...), as one line."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; check that path (its permissions, or pass another one)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from distil_codegpt.runinfo import WRITTEN
 
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, OSError) as e:
         if debug:
             raise
-        line = str(e) if not isinstance(e, OSError) else f"{e.filename or ''}: {e.strerror or e}; check the path"
+        line = str(e) if not isinstance(e, OSError) else _os_error(e)
         print(f"distil-codegpt {args.verb}: error: {line}{_unwritten(cfg, first)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
