@@ -353,6 +353,12 @@ class EvaluateConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
     seed: int = opt(0, "seed (decoding is deterministic; kept for the manifest)")
+    draft: str = opt(
+        "",
+        "a student of the model (same vocabulary) that drafts for it: speculative greedy decoding,"
+        " the output stays the model's own",
+    )
+    draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
@@ -515,9 +521,16 @@ class CompleteConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (with temperature > 0)")
     seed: int = opt(0, "sampling seed")
     device: Literal["cpu", "cuda"] = opt("cpu", "where the PyTorch engines run")
+    draft: str = opt(
+        "",
+        "a student of the model (same vocabulary) that drafts for it: speculative greedy decoding,"
+        " the output stays the model's own",
+    )
+    draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
+        _check(self.draft_tokens >= 0, "draft_tokens", self.draft_tokens, "use 0 (adaptive) or more")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use 1 or more")
         _check(self.temperature >= 0, "temperature", self.temperature, "use 0 (greedy) or more")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "use a value in (0, 1]")
@@ -552,6 +565,12 @@ class ServeConfig:
         "after this many ms of generation, end at the next line break (a request's "
         "t_max_predict_ms wins); 0 = no deadline",
     )
+    draft: str = opt(
+        "",
+        "a student of the model (same vocabulary) that drafts for it: speculative greedy decoding,"
+        " the output stays the model's own",
+    )
+    draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")

@@ -58,7 +58,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"test: {cfg.test} holds no examples; pass a line-completion file with JSON lines")
     tok = model_tokenizer(cfg.model)
     kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
-    if kind not in ("torch", "torch-int8"):
+    if kind not in ("torch", "torch-int8") or cfg.draft:
         return _evaluate_engine(cfg, examples, tok, t0)
     if kind == "torch-int8" and cfg.precision == "auto":
         amp = None  # int8 kernels take fp32 activations: auto means fp32 here, whatever the CPU
@@ -90,10 +90,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokenizerBase, t0: float) -> dict[str, Any]:
-    """An exported engine (CTranslate2): one example at a time through the `Engine` interface, greedy only."""
+    """An exported engine (CTranslate2), or a model with a draft: one example at a time through the `Engine`
+    interface, greedy only."""
+    from distil_codegpt.serve.speculative import with_draft
+
     if cfg.beam != 1:
-        raise ConfigError(f"beam: {cfg.beam}; exported engines are evaluated greedily here, use --beam 1")
-    engine = load_engine(cfg.model)
+        raise ConfigError(f"beam: {cfg.beam}; engines and drafts are evaluated greedily here, use --beam 1")
+    engine = with_draft(load_engine(cfg.model), cfg.draft, "cpu", cfg.draft_tokens, cache_slots=0)
     if cfg.context:  # the same positions as a PyTorch model evaluated with --context: inputs keep their last tokens
         engine.context = min(engine.context, cfg.context)
     inputs = [ex.input for ex in examples]
@@ -111,6 +114,10 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
     n_params = meta.get("metrics", {}).get("params")
     extra = {"gpu_mem_mb": None, "perplexity": None, "perplexity_tokens": None, "engine": engine.name}
     extra["batch_size"] = 1  # one example at a time
+    if stats := getattr(engine, "stats", None):  # a draft: how much of it the teacher took
+        extra["draft"] = {"model": cfg.draft, "acceptance": stats.acceptance, "tokens_per_pass": stats.tokens_per_pass}
+    if n_params is None and hasattr(engine, "teacher"):
+        n_params = sum(p.numel() for p in engine.teacher.model.parameters())
     return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, "cpu", None, t0)
 
 

@@ -408,7 +408,9 @@ def run_complete(cfg: Any) -> Completion:
     from distil_codegpt.serve.engine import load_engine
 
     code = read_cursor(cfg.file)
-    completer = Completer(load_engine(cfg.model, cfg.device))
+    from distil_codegpt.serve.speculative import with_draft
+
+    completer = Completer(with_draft(load_engine(cfg.model, cfg.device), cfg.draft, cfg.device, cfg.draft_tokens))
     result = completer.complete(code, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     print(result.text)
     for note in result.notes:

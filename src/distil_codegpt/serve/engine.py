@@ -98,6 +98,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def restrict(logits: torch.Tensor, allowed: frozenset[int]) -> torch.Tensor:
+    """Logits (V,) with every id outside `allowed` at -inf; unchanged when no allowed id has a finite logit (a
+    trimmed head may lack them all)."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[list(allowed)] = 0.0
+    masked = logits + mask
+    return masked if torch.isfinite(masked).any() else logits
+
+
 class TorchEngine(Engine):
     """A Hugging Face model of a supported family run by PyTorch, with its KV cache, one sequence at a time.
 
@@ -120,6 +129,7 @@ class TorchEngine(Engine):
         # transformers 5 calls the KV cache `cache` (`past_key_values` before, deprecated since)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_arg = "logits_to_keep" in params
         self.cache_slots, self.slots = cache_slots, []
         self.cached_tokens = 0  # prompt tokens the last `stream` took from the cache
 
@@ -146,22 +156,33 @@ class TorchEngine(Engine):
                 best = min(self.slots, key=lambda s: s.used)
         assert best is not None
         reuse = min(reuse, len(ids) - 1)
-        if best.cache is not None and best.cache.get_seq_length() > reuse:
-            best.cache.crop(reuse - best.cache.get_seq_length())  # a negative crop: every transformers version
-        best.ids, best.used = best.ids[:reuse], time.monotonic()
+        if reuse:
+            self._crop(best, best.cache, reuse)  # a negative crop: every transformers version has it
+        else:
+            best.ids, best.cache = [], None
+        best.used = time.monotonic()
         return best, reuse
 
-    def _forward(self, slot: _Slot | None, past: Any, x: list[int]) -> tuple[torch.Tensor, Any]:
-        """Logits of the last position after reading `x`; the slot is emptied while its cache is being extended,
+    def _forward(self, slot: _Slot | None, past: Any, x: list[int], rows: int = 1) -> tuple[torch.Tensor, Any]:
+        """Logits (rows, V) of the last `rows` positions after reading `x` (the head runs on those alone: over a
+        prompt it would cost as much as several blocks); the slot is emptied while its cache is being extended,
         so a run stopped half-way cannot leave ids and keys out of step."""
         ids = slot.ids if slot is not None else []
         if slot is not None:
             slot.ids, slot.cache = [], None
-        out = self.model(input_ids=torch.tensor([x], device=self.device), use_cache=True, **{self._cache_arg: past})
+        kw = {self._cache_arg: past} | ({"logits_to_keep": rows} if self._keep_arg else {})
+        out = self.model(input_ids=torch.tensor([x], device=self.device), use_cache=True, **kw)
         past = out.get(self._cache_arg)
         if slot is not None:
             slot.ids, slot.cache = ids + x, past
-        return out.logits[0, -1].float().cpu(), past  # (1, T, V) -> (V,)
+        return out.logits[0, -rows:].float().cpu(), past  # (1, T, V) -> (rows, V)
+
+    def _crop(self, slot: _Slot | None, past: Any, keep: int) -> None:
+        """Forget all but the first `keep` positions (a draft's rejected tokens)."""
+        if past is not None and past.get_seq_length() > keep:
+            past.crop(keep - past.get_seq_length())
+        if slot is not None:
+            slot.ids = slot.ids[:keep]
 
     @torch.inference_mode()
     def stream(
@@ -185,10 +206,9 @@ class TorchEngine(Engine):
             return
         for step in range(max_new_tokens):
             logits, past = self._forward(slot, past, x)
+            logits = logits[0]
             if step == 0 and first_allowed:
-                mask = torch.full_like(logits, float("-inf"))
-                mask[list(first_allowed)] = 0.0
-                logits = logits + mask
+                logits = restrict(logits, first_allowed)
             nxt = pick_next(logits, temperature, top_p, gen)
             if nxt in stop_ids:
                 return

@@ -286,8 +286,10 @@ def run_server(cfg: ServeConfig) -> None:
     import uvicorn
 
     from distil_codegpt.serve.engine import load_engine
+    from distil_codegpt.serve.speculative import with_draft
 
-    completer = Completer(load_engine(cfg.model, cfg.device, cfg.cache_slots), fim=cfg.fim)
+    engine = load_engine(cfg.model, cfg.device, cfg.cache_slots)
+    completer = Completer(with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, cfg.cache_slots), fim=cfg.fim)
     app = create_app(completer, cfg)
     if not is_loopback(cfg.host):
         print(
