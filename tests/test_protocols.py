@@ -353,3 +353,20 @@ def test_a_fim_model_reads_its_own_template(raw_dir: Path, tmp_path: Path) -> No
     assert split_prompt(prompt).prefix == PREFIX
     with pytest.raises(ConfigError, match="no <fim_prefix>"):
         Completer(ScriptedEngine(load_tokenizer(raw_dir), tmp_path, []), fim="starcoder")
+
+
+def test_prompts_read_in_chunks_and_a_cancelled_read_stops(raw_dir: Path) -> None:
+    """Reading a prompt in chunks gives the one-pass answer; a request cancelled while its prompt is read stops
+    after the chunk in hand, and what it read serves the next request from the cache."""
+    whole, chunked = load_engine(raw_dir), load_engine(raw_dir, cache_slots=1)
+    chunked.prefill_chunk = 16
+    ids = whole.tokenizer.encode(CODE)[:200]
+    assert len(ids) > 3 * 16
+    assert chunked.generate(ids, 8, set()) == whole.generate(ids, 8, set())
+    fresh = load_engine(raw_dir, cache_slots=1)
+    fresh.prefill_chunk, asked = 16, []
+    fresh.interrupt = lambda: asked.append(1) or len(asked) >= 2  # the client leaves during the second chunk
+    assert fresh.generate(ids, 8, set()) == []
+    assert fresh.slots[0].ids == ids[:32] and fresh.slots[0].cache.get_seq_length() == 32
+    fresh.interrupt = None
+    assert fresh.generate(ids, 8, set()) == whole.generate(ids, 8, set()) and fresh.cached_tokens == 32

@@ -12,7 +12,7 @@ import inspect
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from distil_codegpt.config import UserError
 from distil_codegpt.model import families
 
 ENGINE_FILE = "engine.json"
+PREFILL_CHUNK = 256  # prompt tokens read per forward pass: how soon a cancelled request stops reading
 # engine name -> "module:Class" with a `load(path, device)` classmethod; imported only when used
 ENGINES = {
     "torch": "distil_codegpt.serve.engine:TorchEngine",
@@ -107,6 +108,10 @@ def restrict(logits: torch.Tensor, allowed: frozenset[int]) -> torch.Tensor:
     return masked if torch.isfinite(masked).any() else logits
 
 
+class Interrupted(Exception):
+    """The request was cancelled while its prompt was being read."""
+
+
 class TorchEngine(Engine):
     """A Hugging Face model of a supported family run by PyTorch, with its KV cache, one sequence at a time.
 
@@ -132,6 +137,8 @@ class TorchEngine(Engine):
         self._keep_arg = "logits_to_keep" in params
         self.cache_slots, self.slots = cache_slots, []
         self.cached_tokens = 0  # prompt tokens the last `stream` took from the cache
+        self.prefill_chunk = PREFILL_CHUNK
+        self.interrupt: Callable[[], bool] | None = None  # asked between prompt chunks: stop reading now?
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
@@ -165,8 +172,20 @@ class TorchEngine(Engine):
 
     def _forward(self, slot: _Slot | None, past: Any, x: list[int], rows: int = 1) -> tuple[torch.Tensor, Any]:
         """Logits (rows, V) of the last `rows` positions after reading `x` (the head runs on those alone: over a
-        prompt it would cost as much as several blocks); the slot is emptied while its cache is being extended,
-        so a run stopped half-way cannot leave ids and keys out of step."""
+        prompt it would cost as much as several blocks).
+
+        A long `x` is read in chunks of `prefill_chunk`, and `interrupt()` is asked between them: a request
+        cancelled while its prompt is read stops within one chunk (raising Interrupted), and what was read stays
+        in the slot for the next request. The slot is emptied while its cache is being extended, so a run stopped
+        half-way cannot leave ids and keys out of step."""
+        for start in range(0, len(x) - self.prefill_chunk, self.prefill_chunk):
+            _, past = self._read(slot, past, x[start : start + self.prefill_chunk], 1)
+            if self.interrupt is not None and self.interrupt():
+                raise Interrupted
+        tail = x[(max(len(x) - 1, 0) // self.prefill_chunk) * self.prefill_chunk :]
+        return self._read(slot, past, tail, rows)
+
+    def _read(self, slot: _Slot | None, past: Any, x: list[int], rows: int) -> tuple[torch.Tensor, Any]:
         ids = slot.ids if slot is not None else []
         if slot is not None:
             slot.ids, slot.cache = [], None
@@ -200,12 +219,17 @@ class TorchEngine(Engine):
         self.cached_tokens = reuse
         past = slot.cache if slot is not None else None
         x = ids[reuse:]
-        if max_new_tokens <= 0:  # a warm-up: read the prompt into the cache, write nothing
-            if slot is not None and x:
-                self._forward(slot, past, x)
+        try:
+            if max_new_tokens <= 0:  # a warm-up: read the prompt into the cache, write nothing
+                if slot is not None and x:
+                    self._forward(slot, past, x)
+                return
+            logits, past = self._forward(slot, past, x)
+        except Interrupted:
             return
         for step in range(max_new_tokens):
-            logits, past = self._forward(slot, past, x)
+            if step:
+                logits, past = self._forward(slot, past, x)
             logits = logits[0]
             if step == 0 and first_allowed:
                 logits = restrict(logits, first_allowed)

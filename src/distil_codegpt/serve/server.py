@@ -128,6 +128,9 @@ class Pipe:
         if self.cancelled.is_set():  # its client left while it waited
             return
         result: dict[str, Any] = {}
+        engine = completer.engine
+        if hasattr(engine, "interrupt"):  # a PyTorch engine stops reading a long prompt once its client has gone
+            engine.interrupt = self.cancelled.is_set
         gen = completer.stream(job, result)
         try:
             for piece in gen:
@@ -139,6 +142,8 @@ class Pipe:
             self.put("error", e)
         finally:
             gen.close()
+            if hasattr(engine, "interrupt"):
+                engine.interrupt = None
 
     async def get(self, request: Request) -> tuple[str, Any]:
         """The next item; a client that disconnects meanwhile ends the wait, and so its job."""

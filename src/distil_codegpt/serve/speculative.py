@@ -10,13 +10,13 @@ after a miss (`--draft-tokens K` fixes it). A request that samples (temperature 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from distil_codegpt.config import UserError
-from distil_codegpt.serve.engine import Engine, TorchEngine, pick_next, restrict
+from distil_codegpt.serve.engine import Engine, Interrupted, TorchEngine, pick_next, restrict
 
 MAX_DRAFT = 16
 
@@ -59,6 +59,14 @@ class SpeculativeEngine(Engine):
     def cached_tokens(self) -> int:
         return self.teacher.cached_tokens
 
+    @property
+    def interrupt(self) -> Callable[[], bool] | None:
+        return self.teacher.interrupt
+
+    @interrupt.setter
+    def interrupt(self, check: Callable[[], bool] | None) -> None:
+        self.teacher.interrupt = self.draft.interrupt = check
+
     def disk_mb(self) -> float:
         return self.teacher.disk_mb() + self.draft.disk_mb()
 
@@ -84,7 +92,10 @@ class SpeculativeEngine(Engine):
         d_slot, d_reuse = d._slot(ids)
         t_past, d_past = (t_slot.cache if t_slot else None), (d_slot.cache if d_slot else None)
         seq = list(ids)  # prompt + every token yielded; the caches hold seq[:t_len] and seq[:d_len]
-        logits, t_past = t._forward(t_slot, t_past, seq[t_reuse:])
+        try:
+            logits, t_past = t._forward(t_slot, t_past, seq[t_reuse:])
+        except Interrupted:
+            return
         self.stats.teacher_passes += 1
         nxt = int(torch.argmax(restrict(logits[0], first_allowed) if first_allowed else logits[0]))
         t_len, d_len, k, made = len(seq), d_reuse, self.fixed_k or 4, 0
