@@ -4,8 +4,9 @@ sends (the file so far as prefix, what follows the current line as suffix), thro
     python benchmarks/editor_replay.py --model /tmp/real/teacher --model /tmp/real/kd/logit-t1 \\
         --data /tmp/real/data --files 6 --lines 4 --out docs/editor_replay.json
 
-For every model, one server (in this process, on a free loopback port) per cache setting: `cold` (--cache-slots
-0: every prompt read in full) and `warm` (--cache-slots 2, the default of `serve`), the same requests in the
+For every model (and, with --draft, the first model with that student drafting for it), one server (in this
+process, on a free loopback port) per cache setting: `cold` (--cache-slots 0: every prompt read in full) and
+`warm` (--cache-slots 2, the default of `serve`), the same requests in the
 same order, so the rows compare side by side. A file is typed from a random line (seeded) for --lines lines;
 the pauses are after each word (a blank, a bracket, a dot) and at each line start, as an editor debounces. As
 llama.vscode does, the prefix is --prefix-lines whole lines above the cursor's line plus that line up to the
@@ -166,7 +167,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model: str, cache_slots: int, max_tokens: int) -> tuple[Any, str]:
+def serve(model: str, cache_slots: int, max_tokens: int, draft: str = "") -> tuple[Any, str]:
     """A real uvicorn server on a free loopback port in a thread: (server, url)."""
     import uvicorn
 
@@ -178,7 +179,10 @@ def serve(model: str, cache_slots: int, max_tokens: int) -> tuple[Any, str]:
     port = free_port()
     cfg = build_config(ServeConfig, {"model": model, "port": port, "cache_slots": cache_slots})
     cfg.max_tokens_limit = max(cfg.max_tokens_limit, max_tokens)
-    app = create_app(Completer(load_engine(model, "cpu", cache_slots)), cfg)
+    from distil_codegpt.serve.speculative import with_draft
+
+    engine = with_draft(load_engine(model, "cpu", cache_slots), draft, "cpu", 0, cache_slots)
+    app = create_app(Completer(engine), cfg)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
@@ -205,17 +209,20 @@ def main() -> None:
     p.add_argument("--suffix-lines", type=int, default=30, help="whole lines below it")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ms-per-char", type=float, default=0.0, help="typing speed; 0 = wait for every answer")
+    p.add_argument("--draft", default="", help="also serve the first --model with this student drafting for it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the rows to this JSON file")
     args = p.parse_args()
     plan = sessions(args.data, args.files, args.lines, args.seed)
     print(f"editor_replay: {sum(len(pts) for _, pts in plan)} pauses in {len(plan)} files", file=sys.stderr)
     rows = []
-    for model in args.model:
+    runs = [(m, "") for m in args.model] + ([(args.model[0], args.draft)] if args.draft else [])
+    for model, draft in runs:
         for mode, slots in (("cold", 0), ("warm", 2)):
-            server, url = serve(model, slots, args.max_tokens)
+            server, url = serve(model, slots, args.max_tokens, draft)
             t0 = time.perf_counter()
-            row = {"model": model, "cache": mode, **replay(url, args, plan), "wall_s": time.perf_counter() - t0}
+            name = f"{Path(model).name}+{Path(draft).name}" if draft else Path(model).name
+            row = {"model": name, "cache": mode, **replay(url, args, plan), "wall_s": time.perf_counter() - t0}
             server.should_exit = True
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -223,7 +230,7 @@ def main() -> None:
     print(head + f" {'cached':>7} {'prompt':>7} {'ES':>6}")
     for r in rows:
         print(
-            f"{Path(r['model']).name:<28} {r['cache']:<5} {r['requests']:>4} {r['cancelled']:>4} {r['p50_ms']:>8.0f}"
+            f"{r['model']:<28} {r['cache']:<5} {r['requests']:>4} {r['cancelled']:>4} {r['p50_ms']:>8.0f}"
             f" {r['p95_ms']:>8.0f} {r['first_byte_p50_ms']:>7.0f} {r['cache_hit']:>7.1%} {r['prompt_tokens']:>7.0f}"
             f" {r['es']:>6.2f}"
         )
