@@ -159,17 +159,25 @@ def test_missing_tokenizer(tiny_data: dict, model_dir: Path, tmp_path: Path, ear
     assert snapshot(bad, earlier) == before
 
 
-def test_tokenizer_larger_than_the_model(tiny_data: dict, tmp_path: Path, earlier: Path, capsys) -> None:
+def test_tokenizer_larger_than_the_model(tiny_data: dict, tmp_path: Path, earlier: Path, code: Path, capsys) -> None:
     bad = tmp_path / "bad"
     tok = load_tokenizer(tiny_data["tok"])
     AutoModelForCausalLM.from_config(preset_config("tiny", 500)).save_pretrained(bad)
     tok.save_pretrained(bad)
+    why = f"model: {bad} holds a tokenizer of {len(tok):,} tokens but a model with a vocabulary of 500; put the"
+    why += " tokenizer the model was trained with next to it"
     rc, line = cli(capsys, *evaluate(tiny_data, bad, earlier))
-    assert (rc, line) == (
-        2,
-        f"distil-codegpt evaluate: error: model: {bad} holds a tokenizer of {len(tok):,} tokens but a model with a"
-        f" vocabulary of 500; put the tokenizer the model was trained with next to it{unchanged(earlier)}",
-    )
+    assert (rc, line) == (2, f"distil-codegpt evaluate: error: {why}{unchanged(earlier)}")
+    rc, line = cli(capsys, "complete", code, "--model", bad)  # the engines that complete and serve check it too
+    assert (rc, line) == (2, f"distil-codegpt complete: error: {why}")
+
+
+def test_damaged_engine_spec(model_dir: Path, tmp_path: Path, code: Path, capsys) -> None:
+    bad = shutil.copytree(model_dir, tmp_path / "spec")
+    (bad / "engine.json").write_text('{"engine": "ctransl')
+    rc, line = cli(capsys, "complete", code, "--model", bad)
+    assert rc == 2 and line.startswith(f"distil-codegpt complete: error: {bad}/engine.json: not valid JSON (")
+    assert line.endswith("); export or compress the model again")
 
 
 def test_truncated_gguf(tiny_data: dict, tmp_path: Path, earlier: Path, monkeypatch, capsys) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import UserError
 from distil_codegpt.model import families
 
@@ -142,12 +142,15 @@ class TorchEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
+        from distil_codegpt.artifacts import check_vocab
         from distil_codegpt.compress.prune import apply_pruned_heads
         from distil_codegpt.data.tokenizer import load_tokenizer
         from distil_codegpt.model.presets import load_model
 
         model = apply_pruned_heads(load_model(str(path), dtype=torch.float32))  # pruned heads cut: runs faster
-        return cls(model, load_tokenizer(path), Path(path), device)
+        tok = load_tokenizer(path)
+        check_vocab(model.config.vocab_size, tok, path)
+        return cls(model, tok, Path(path), device)
 
     def _slot(self, ids: list[int]) -> tuple[_Slot | None, int]:
         """The slot to run `ids` in and how many of its leading ids it already holds (at most all but one)."""
@@ -250,7 +253,7 @@ def engine_kind(path: str | Path) -> str:
         if not (p / "config.json").is_file():
             raise UserError(f"model: {p} holds neither a model (config.json) nor an engine artifact (engine.json)")
         return "torch"
-    kind = json.loads(spec.read_text()).get("engine", "")
+    kind = read_json(spec, fix="export or compress the model again").get("engine", "")
     if kind not in ENGINES:
         raise UserError(f"model: {spec} names engine {kind!r}; known: {', '.join(ENGINES)}")
     return kind
