@@ -544,9 +544,11 @@ class ServeConfig:
     model: str = opt("", "model directory or compressed/exported artifact", required=True)
     host: str = opt("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes it to the network)")
     port: int = opt(8000, "TCP port")
-    model_name: str = opt("", "model id shown in /v1/models and accepted in requests (default: directory name)")
+    model_name: str = opt(
+        "", "model id listed by /v1/models and /api/tags (default: directory name; any name is served)"
+    )
     max_prompt_chars: int = opt(200_000, "longest prompt accepted (longer: 413)")
-    max_tokens_limit: int = opt(256, "largest max_tokens a request may ask for")
+    max_tokens_limit: int = opt(256, "most new tokens per request (a larger max_tokens / n_predict is clamped to it)")
     queue_size: int = opt(32, "requests waiting for the model at most (more: 503)")
     device: Literal["cpu", "cuda"] = opt("cpu", "where the PyTorch engines run")
     cache_slots: int = opt(
