@@ -351,6 +351,12 @@ def test_a_fim_model_reads_its_own_template(raw_dir: Path, tmp_path: Path) -> No
     read = tok.decode(engine.prompts[0])
     assert read == f"<|endoftext|><fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>"
     assert split_prompt(prompt).prefix == PREFIX
+    c.complete(CODE * 20, 8, suffix=CODE * 20)  # far longer than the context: the ends are cut, never a marker
+    ids = engine.prompts[-1]
+    assert len(ids) <= engine.context - 8
+    read = tok.decode(ids)
+    assert read.startswith("<|endoftext|><fim_prefix>") and read.endswith("<fim_middle>")
+    assert read.split("<fim_suffix>")[0].endswith(CODE[-20:]) and read.split("<fim_suffix>")[1].startswith(CODE[:20])
     with pytest.raises(ConfigError, match="no <fim_prefix>"):
         Completer(ScriptedEngine(load_tokenizer(raw_dir), tmp_path, []), fim="starcoder")
 

@@ -34,8 +34,7 @@ from distil_codegpt.data.normalize import (
 from distil_codegpt.data.tokenizer import raw_framing, tokenizer_meta
 from distil_codegpt.evaluate.completion import StopIds
 from distil_codegpt.serve.engine import Engine
-from distil_codegpt.serve.fim import MARKERS, next_suffix_line, suffix_overlap
-from distil_codegpt.serve.fim import build_prompt as build_fim_prompt
+from distil_codegpt.serve.fim import MARKERS, next_suffix_line, repo_context, suffix_overlap
 from distil_codegpt.serve.fim import template_for as fim_template
 
 _STRING_START = re.compile(r"(?i:[rbuft]{0,2})('''|\"\"\"|'|\")")
@@ -173,9 +172,8 @@ class Completer:
         files first as documents of their own; the end of the file always fits, the extra context takes what is
         left (its most recent files first)."""
         head = raw_framing(self.tok)[0]
-        if self.fim is not None:  # the model's own template: the suffix and the context are in the prompt
-            ids = head + self._encode(build_fim_prompt(self.fim, job.prefix, job.suffix[: 4 * room], job.extra))
-            return _Prompt(ids[-room:], [], "", "", [], truncated=len(ids) > room)
+        if self.fim is not None:
+            return self._fim_prompt(job, room, head)
         m = _TRAILING_NAME.search(job.prefix) if scan_end_state(job.prefix)[0] == "code" else None
         text, healed, allowed = self._heal(job.prefix, m.group(0) if m else "")
         ids = head + self._encode(text)
@@ -191,6 +189,23 @@ class Completer:
                 break
             ids = doc + ids
         return _Prompt(ids, [], "", "", [], healed=healed, allowed=allowed, truncated=truncated)
+
+    def _fim_prompt(self, job: Job, room: int, head: list[int]) -> _Prompt:
+        """The model's own template: the end of the prefix and the start of the suffix (at most a quarter of the
+        room) between its markers, which are never cut; other files in front while room is left."""
+        t = self.fim
+        assert t is not None
+        pre_m, suf_m, mid_m = (self._encode(m) if m else [] for m in (t.pre, t.suf, t.mid))
+        fixed = len(head) + len(pre_m) + len(suf_m) + len(mid_m)
+        pre, suf = self._encode(job.prefix), self._encode(job.suffix)
+        truncated = fixed + len(pre) + len(suf) > room
+        suf = suf[: max((room - fixed) // 4, 0)] if truncated else suf
+        pre = pre[len(pre) - max(room - fixed - len(suf), 0) :] if truncated else pre
+        body = suf_m + suf + pre_m + pre + mid_m if t.spm else pre_m + pre + suf_m + suf + mid_m
+        context = self._encode(repo_context(t, job.extra)) if job.extra else []
+        if len(head) + len(context) + len(body) > room:
+            context, truncated = [], True
+        return _Prompt(head + context + body, [], "", "", [], truncated=truncated)
 
     def _prompt(self, job: Job) -> _Prompt | None:
         notes: list[str] = []

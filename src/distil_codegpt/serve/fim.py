@@ -122,12 +122,17 @@ def _first_line_name(chunk: str) -> tuple[str, str]:
     return "", chunk
 
 
+def repo_context(t: Template, extra: list[tuple[str, str]]) -> str:
+    """Other files as a model trained with template `t` reads them before the cursor's file (repository-level
+    context, as llama.cpp's `/infill` builds it); "" for a template without a file separator."""
+    if not t.file_sep:
+        return ""
+    return "".join(f"{t.file_sep}{name}\n{text}\n" if name else f"{t.file_sep}{text}\n" for name, text in extra)
+
+
 def build_prompt(t: Template, prefix: str, suffix: str, extra: list[tuple[str, str]]) -> str:
-    """The text a model trained with template `t` reads for this cursor (repository-level context when it has a
-    file separator, as llama.cpp's `/infill` builds it)."""
-    context = ""
-    if t.file_sep and extra:
-        context = "".join(f"{t.file_sep}{name}\n{text}\n" if name else f"{t.file_sep}{text}\n" for name, text in extra)
+    """The text a model trained with template `t` reads for this cursor."""
+    context = repo_context(t, extra)
     if t.spm:
         return f"{context}{t.suf}{suffix}{t.pre}{prefix}{t.mid}"
     return f"{context}{t.pre}{prefix}{t.suf}{suffix}{t.mid}"
