@@ -382,13 +382,60 @@ class ReportConfig:
         _require(self.dir, "dir", "pass the sweep directory")
 
 
-VARIANTS = ("pretrained-weights", "frozen", "low-temperature", "high-temperature", "no-cosine", "longer", "ce-only")
+@dataclass(frozen=True)
+class Variant:
+    """A variant of the `variant_layers` student, as data: what it changes in the main students' recipe.
+
+    A variant is one difference, so that its row answers one question. `label` and `description` are format strings
+    over the SweepConfig's fields; a `distil` value "@field" is that SweepConfig field's value."""
+
+    label: str
+    description: str
+    distil: dict[str, Any] = field(default_factory=dict)  # DistilConfig overrides
+    pick: str = ""  # the layer pick of its init ("" = the sweep's `pick`)
+    init: Literal["teacher", "random", "pretrained"] = "teacher"  # pretrained: CLM pre-training of a random init
+    kd: bool = True  # False: causal-LM training only, no teacher (the control)
+    online: bool = False  # the teacher runs in every step even when the sweep has a teacher cache
+    tokens: str = ""  # a SweepConfig field whose value multiplies the token budget
+
+
+VARIANTS: dict[str, Variant] = {
+    "pretrained-weights": Variant("Pretrained-Weights", "CLM pre-training on code, then KD", init="pretrained"),
+    "frozen": Variant("Frozen teacher", "pre-training KD (teacher frozen)", {"teacher_mode": "frozen"}),
+    "in-training": Variant(
+        "In-training KD", "the teacher keeps training on the code (teacher correction)", {"teacher_mode": "train"}
+    ),
+    "low-temperature": Variant(
+        "T={low_temperature:g}", "KD at temperature {low_temperature:g}", {"temperature": "@low_temperature"}
+    ),
+    "high-temperature": Variant(
+        "T={high_temperature:g}", "KD at temperature {high_temperature:g}", {"temperature": "@high_temperature"}
+    ),
+    "reverse-kl": Variant("Reverse KL", "KD by KL(student || teacher)", {"divergence": "reverse"}),
+    "no-cosine": Variant("No hidden-state loss", "alpha_cos = 0", {"alpha_cos": 0.0}),
+    "cosine": Variant(
+        "+ hidden-state cosine",
+        "logits + (1 - cos) of the last hidden states, alpha_cos = {cosine_alpha:g} (online teacher)",
+        {"alpha_cos": "@cosine_alpha"},
+        online=True,
+    ),
+    "online": Variant("Online teacher", "the teacher runs in every step instead of the top-k cache", online=True),
+    "pick-uniform": Variant("uniform pick", "teacher layers spread evenly", pick="uniform"),
+    "pick-influence": Variant("influence pick", "the most influential blocks (ShortGPT)", pick="influence"),
+    "pick-angular": Variant("angular pick", "the closest run of blocks dropped (Gromov et al.)", pick="angular"),
+    "random-init": Variant("Random init", "same shape, random weights, same KD: the floor", init="random"),
+    "longer": Variant("{longer_factor:g}x tokens", "{longer_factor:g}x the token budget", tokens="longer_factor"),
+    "ce-only": Variant("No KD (CE only)", "causal LM only, same init and tokens: the control", kd=False),
+}
+# The seed study's variants, the default of `variants`.
+TOY_VARIANTS = ("pretrained-weights", "frozen", "low-temperature", "high-temperature", "no-cosine", "longer", "ce-only")
 
 
 @dataclass
 class SweepConfig:
-    """The study in one command: corpus, tokenizer, teacher, students by KD, the 8-layer variants, evaluation,
-    report. Steps whose outputs exist are skipped, so an interrupted sweep resumes where it stopped."""
+    """The study in one command: corpus, tokenizer, teacher, students by KD, the variants of one depth, a learning
+    curve, evaluation, report. Steps whose outputs exist are skipped and a half-finished training resumes from its
+    checkpoint, so an interrupted sweep goes on where it stopped."""
 
     out: str = opt("", "sweep directory", required=True)
     # Data
@@ -398,13 +445,23 @@ class SweepConfig:
     vocab_size: int = opt(4000, "tokenizer vocabulary (ignored when the teacher is an existing model)")
     line_examples: int = opt(1000, "line-completion examples built for test.json")
     # Teacher
-    teacher_model: str = opt("tiny", "a preset to train the teacher from scratch, or an HF dir/hub id")
+    teacher_model: str = opt(
+        "tiny",
+        "a preset to train the teacher from scratch, an HF dir/hub id/.gguf file, or fetch:NAME (`fetch-teacher`'s "
+        "name, e.g. fetch:smollm2: downloaded and imported once into $DISTIL_CODEGPT_CACHE)",
+    )
     teacher_layers: int = opt(12, "teacher depth when teacher_model is a preset")
     teacher_steps: int = opt(600, "teacher training steps (0 with an existing model: use it as it is)")
     teacher_lr: float = opt(2e-3, "teacher peak learning rate")
     # Students
-    students: list[int] = opt([4, 6, 8, 10, 12], "student depths distilled by in-training KD, as the study did")
-    student_steps: int = opt(100, "distillation steps per student")
+    students: list[int] = opt([4, 6, 8, 10, 12], "student depths distilled from the teacher")
+    teacher_mode: Literal["train", "frozen"] = opt(
+        "train", "how the students learn: train = in-training KD (as the study did), frozen = the teacher fixed"
+    )
+    student_steps: int = opt(100, "distillation steps per student (when student_tokens is 0)")
+    student_tokens: int = opt(
+        0, "KD tokens per student, rounded up to whole steps of batch_size x seq_len (0 = student_steps steps)"
+    )
     student_lr: float = opt(1e-3, "student peak learning rate")
     variant_layers: int = opt(8, "depth of the variant students")
     pick: str = opt(
@@ -412,17 +469,26 @@ class SweepConfig:
         "teacher layers each student starts from: uniform | first | last | influence | angular (the latter two "
         "scored on the corpus's dev windows; see `distil-codegpt student --pick`)",
     )
-    variants: list[str] = opt(list(VARIANTS), "variants of the variant_layers student: " + ", ".join(VARIANTS))
-    pretrain_steps: int = opt(0, "pretrained-weights variant: CLM steps before KD (0 = student_steps)")
+    variants: list[str] = opt(list(TOY_VARIANTS), "variants of the variant_layers student: " + ", ".join(VARIANTS))
+    curve: list[float] = opt(
+        [], "learning curve: fractions of the budget at which the variant_layers student is saved and evaluated"
+    )
+    seeds: list[int] = opt([], "extra seeds: the models in seed_variants are trained again with each")
+    seed_variants: list[str] = opt(["main"], "what seeds repeats: main (the variant_layers student) or variants")
+    untrained: bool = opt(True, "evaluate an untrained model of the teacher's shape (a floor)")
+    pretrain_steps: int = opt(0, "pretrained-weights variant: CLM steps before KD (0 = the students' steps)")
     low_temperature: float = opt(1.0, "temperature of the low-temperature variant")
     high_temperature: float = opt(4.0, "temperature of the high-temperature variant")
-    longer_factor: float = opt(2.0, "the longer variant trains this many times student_steps")
+    longer_factor: float = opt(2.0, "the longer variant trains on this many times the budget")
+    cosine_alpha: float = opt(1.0, "alpha_cos of the cosine variant")
     temperature: float = opt(2.0, "KD temperature of every other student")
+    divergence: Literal["forward", "reverse", "jsd"] = opt("forward", "KD divergence of every other student")
     alpha_ce: float = opt(5.0, "KD weight")
     alpha_clm: float = opt(2.0, "causal-LM weight")
     alpha_cos: float = opt(1.0, "hidden-state cosine weight")
-    teacher_cache: bool = opt(False, "frozen-teacher students distil from a teacher cache (no cosine term there)")
+    teacher_cache: bool = opt(False, "frozen-teacher students distil from one teacher cache (no cosine term there)")
     cache_top_k: int = opt(64, "teacher log-probs kept per token in the teacher cache")
+    cache_windows: int = opt(0, "the cache holds the first N windows of the train split (0 = all of it)")
     # Training loop
     seq_len: int = opt(128, "tokens per training window")
     batch_size: int = opt(16, "global batch (windows per step)")
@@ -432,6 +498,9 @@ class SweepConfig:
     # Evaluation
     eval_limit: int = opt(200, "line-completion examples evaluated per model (0 = all)")
     eval_batch_size: int = opt(32, "evaluation batch size")
+    eval_context: int = opt(0, "positions each model sees of a prompt (0 = its context)")
+    eval_max_new_tokens: int = opt(100, "longest completion in tokens")
+    perplexity_files: int = opt(0, "perplexity over the first N files of the test split (0 = all of it)")
     latency_samples: int = opt(20, "examples for batch-1 latency")
     beam: int = opt(1, "beam width (CodeXGLUE's pipeline: 5)")
     # Environment
@@ -443,12 +512,26 @@ class SweepConfig:
         _require(self.out, "out", "pass --out DIR")
         for v in self.variants:
             _check(v in VARIANTS, "variants", v, f"choose from {', '.join(VARIANTS)}")
+        for v in self.seed_variants:
+            _check(v == "main" or v in self.variants, "seed_variants", v, "use main or names listed in variants")
         for k in self.students:
             _check(k >= 1, "students", k, "use depths of 1 or more")
+        for f in self.curve:
+            _check(0 < f < 1, "curve", f, "use fractions of the budget in (0, 1); the full budget is always a point")
+        main = self.curve or (self.seeds and "main" in self.seed_variants)
+        _check(
+            not main or self.variant_layers in self.students,
+            "variant_layers",
+            self.variant_layers,
+            f"curve and seeds of main repeat the {self.variant_layers}-layer student: list it in students",
+        )
+        _check(self.seed not in self.seeds, "seeds", self.seeds, f"list seeds other than seed ({self.seed})")
         for name in ("student_steps", "seq_len", "batch_size", "variant_layers", "teacher_layers"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
-        for name in ("teacher_steps", "pretrain_steps", "eval_limit", "latency_samples", "warmup_steps"):
+        zero_ok = ("teacher_steps", "pretrain_steps", "eval_limit", "latency_samples", "warmup_steps", "student_tokens")
+        for name in (*zero_ok, "cache_windows", "eval_context", "perplexity_files"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
+        _check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", self.eval_max_new_tokens, "use 1 or more")
         _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
         picks = ", ".join(NAMED_PICKS)
         _check(self.pick in NAMED_PICKS, "pick", self.pick, f"choose from {picks} (a layer list fits one depth only)")

@@ -1,8 +1,11 @@
-"""Turn a directory of evaluated models into the study's table (results.md, results.csv) and two trade-off plots.
+"""Turn a directory of evaluated models into the study's tables (results.md, results.csv) and plots.
 
 The published study compares each student to its teacher by ES kept and speedup, so the report computes exactly
-those from each model's eval/metrics.json. It reads only files, so it works on a sweep that is still running:
-models listed in sweep.json but not yet evaluated are shown as such instead of failing the report.
+those from each model's eval/metrics.json: its table and its two trade-off plots (ES vs size, ES vs samples/s). The
+real-teacher study adds what its goal is stated in (costs.py: compute share, cold and warm line latency, KD
+tokens), ES vs latency, a learning curve (ES vs KD tokens of one student stopped along its budget) and each step's
+wall time. It reads only files, so it works on a sweep that is still running: models listed in sweep.json but not
+yet evaluated are shown as such instead of failing the report.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any, NamedTuple
 
 from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import ReportConfig, UserError
+from distil_codegpt.experiment.costs import cost_fields, cost_notes, cost_table, wall_times
 from distil_codegpt.runinfo import atomic_open, atomic_write_text
 
 FIGSIZE = (8.0, 5.5)  # inches; with DPI this fixes the PNG's pixel size (960 x 660), which the tests check
 DPI = 120
 CSV_FIELDS = (
     "name label layers params_m size_mb samples_per_s latency_ms_p50 latency_ms_p95 edit_sim exact_match "
-    "es_kept_pct speedup perplexity"
+    "es_kept_pct speedup perplexity tokens seed macs_per_token compute_share_pct latency_warm_ms_p50 latency_speedup "
+    "kind"
 ).split()
 _REQUIRED = ("exact_match", "edit_sim", "n", "params", "size_mb", "samples_per_s")
 
@@ -41,6 +46,9 @@ PLOTS = [
     PlotSpec("es_vs_size", "size_mb", "size (MB, fp32)", True, "ES vs model size"),
     PlotSpec("es_vs_speed", "samples_per_s", "inference speed (samples/s)", False, "ES vs inference speed"),
 ]
+# The real-teacher study's: drawn when the models have the data (every evaluation measures latency).
+LATENCY_PLOT = PlotSpec("es_vs_latency", "latency_ms_p50", "cold line latency p50 (ms)", True, "ES vs line latency")
+CURVE_STEM = "learning_curve"
 
 
 @dataclass
@@ -53,6 +61,8 @@ class Row:
     kind: str | None = None
     variant: str = ""
     metrics: dict[str, Any] | None = None
+    tokens: int | None = None  # training tokens of a student (sweep.json)
+    seed: int | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -88,7 +98,9 @@ def collect(dir: str | Path) -> list[Row]:
         name, path = str(entry["name"]), found.pop(str(entry["name"]), None)
         label, variant = str(entry.get("label") or name), str(entry.get("variant") or "")
         metrics = _load_metrics(path) if path else None
-        rows.append(Row(name, label, entry.get("layers"), entry.get("kind"), variant, metrics))
+        row = Row(name, label, entry.get("layers"), entry.get("kind"), variant, metrics)
+        row.tokens, row.seed = entry.get("tokens"), entry.get("seed")
+        rows.append(row)
     rows += [Row(name=name, label=name, metrics=_load_metrics(path)) for name, path in sorted(found.items())]
     return rows
 
@@ -142,6 +154,10 @@ def _record(row: Row, base: dict[str, Any] | None) -> dict[str, Any]:
         "es_kept_pct": None if es_kept is None else 100.0 * es_kept,
         "speedup": ratio("samples_per_s"),
         "perplexity": m.get("perplexity"),
+        "tokens": row.tokens,
+        "seed": row.seed,
+        "kind": row.kind,
+        **cost_fields(m, base),
     }
 
 
@@ -196,15 +212,9 @@ def _common(metrics: list[dict[str, Any]], key: str) -> str | None:
 
 def _plot(recs: list[dict[str, Any]], spec: PlotSpec, base: str | None, n: str | None, path: Path) -> None:
     """ES against one cost axis with its Pareto front: the models worth shipping are the ones on the line."""
-    # Imported here, and through the Agg canvas rather than pyplot: no display, no global state, fast CLI start.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     recs = [r for r in recs if r[spec.x] is not None and math.isfinite(r[spec.x])]
     pts = [(float(r[spec.x]), float(r["edit_sim"])) for r in recs]
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _figure()
     front = pareto_front(pts, spec.minimize_x)
     # The step holds the best ES reachable at that cost: up to the next, smaller/faster model's x.
     step = "steps-post" if spec.minimize_x else "steps-pre"
@@ -219,12 +229,48 @@ def _plot(recs: list[dict[str, Any]], spec: PlotSpec, base: str | None, n: str |
         ax.annotate(rec["label"], (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8, fontweight=weight)
     ax.set(xlabel=spec.xlabel, ylabel="ES (edit similarity, %)", title=f"{spec.title} (test set n = {n})")
     ax.margins(x=0.12, y=0.08)  # room for the labels written to the right of the outermost points
+    _save(fig, ax, path)
+
+
+def _figure() -> tuple[Any, Any]:
+    # Imported here, and through the Agg canvas rather than pyplot: no display, no global state, fast CLI start.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, ax: Any, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=DPI)
+
+
+def curve_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The learning curve: the points a student was stopped at (kind curve) and that student at its whole budget
+    (students/kd-K of the same depth), by tokens."""
+    depths = {r["layers"] for r in records if r["kind"] == "curve"}
+    ends = {f"students/kd-{k}" for k in depths}
+    points = [r for r in records if r["tokens"] and (r["kind"] == "curve" or r["name"] in ends)]
+    return sorted(points, key=lambda r: (r["layers"], r["tokens"]))
+
+
+def _plot_curve(points: list[dict[str, Any]], base: dict[str, Any] | None, n: str | None, path: Path) -> None:
+    """ES against KD tokens, one line per depth, with the baseline's ES and 95% of it: how ES kept grows."""
+    fig, ax = _figure()
+    for k in sorted({r["layers"] for r in points}):
+        line = [r for r in points if r["layers"] == k]
+        ax.plot([r["tokens"] for r in line], [r["edit_sim"] for r in line], marker="o", label=f"{k} layers")
+    if base:
+        ax.axhline(base["edit_sim"], color="tab:red", label=f"baseline: {base['label']}")
+        ax.axhline(0.95 * base["edit_sim"], color="tab:red", linestyle="--", alpha=0.6, label="95% of the baseline")
+    ax.set(xlabel="KD tokens", ylabel="ES (edit similarity, %)", title=f"Learning curve (test set n = {n})")
+    _save(fig, ax, path)
 
 
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
@@ -250,6 +296,15 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     base_name = base_row.name if base_row else None
     for spec, path in zip(PLOTS, plots):
         _plot(list(records.values()), spec, base_name, n, path)
+    study_plots = []
+    if any(r["latency_ms_p50"] is not None for r in records.values()):
+        study_plots.append(out / "plots" / f"{LATENCY_PLOT.stem}.png")
+        _plot(list(records.values()), LATENCY_PLOT, base_name, n, study_plots[-1])
+    if points := curve_points(list(records.values())):
+        study_plots.append(out / "plots" / f"{CURVE_STEM}.png")
+        _plot_curve(points, records.get(base_name or ""), n, study_plots[-1])
+    costs = cost_table([records[r.name] for r in rows if r.name in records])
+    times = wall_times(cfg.dir)
 
     table = markdown_table(rows, records)
     setup = [
@@ -277,10 +332,17 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         note,
         *([f"Not evaluated yet ({len(pending)}): {', '.join(pending)}."] if pending else []),
         "",
+        "## Against the teacher",
+        "",
+        costs,
+        "",
+        *cost_notes(list(records.values()), cfg.baseline),
+        "",
         "## Plots",
         "",
-        *[f"![{p.stem}](plots/{p.name})" for p in plots],
+        *[f"![{p.stem}](plots/{p.name})" for p in [*plots, *study_plots]],
         "",
+        *(["## Wall time of each step", "", *times, ""] if times else []),
     ]
     md_path = out / "results.md"
     atomic_write_text(md_path, "\n".join(md))
@@ -289,7 +351,9 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         "results_md": str(md_path),
         "results_csv": str(csv_path),
         "plots": [str(p) for p in plots],
+        "study_plots": [str(p) for p in study_plots],
         "table": table,
+        "cost_table": costs,
         "baseline": base_name,
         "not_evaluated": [r.name for r in rows if r.metrics is None],
     }
@@ -298,7 +362,10 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
 def print_report(summary: dict[str, Any]) -> None:
     """What a user wants after `report`: the table itself, then where the files are."""
     print(summary["table"])
+    if summary.get("cost_table"):
+        print()
+        print(summary["cost_table"])
     if summary.get("not_evaluated"):
         print(f"not evaluated yet: {', '.join(summary['not_evaluated'])}")
     print(f"results: {summary['results_md']}, {summary['results_csv']}")
-    print("plots: " + ", ".join(summary["plots"]))
+    print("plots: " + ", ".join([*summary["plots"], *summary.get("study_plots", [])]))

@@ -1,25 +1,34 @@
 """The study as one resumable command: data, teacher, students of several depths, variants, evaluation, report.
 
 Every step writes into its own directory and is done when that directory's run.json (or eval/metrics.json)
-exists; a step found done is skipped, and a training step that left a checkpoint is resumed, so an
-interrupted sweep goes on where it stopped.
+exists; a step found done is skipped, and a training step that left a checkpoint is resumed, so an interrupted
+sweep goes on where it stopped. Each step's wall time goes to OUT/timings.json, kept across resumed runs.
 
 The teacher is either a preset trained here from scratch, with a tokenizer trained here on the corpus (OUT/tok), or
-an existing model of any supported family (a directory, .gguf file or hub id) used with its own tokenizer: then no
-tokenizer is trained, the shards are built with the teacher's, and every student, the untrained floor included, is
-the teacher's family and shape with fewer blocks. `teacher_steps` > 0 fine-tunes an existing teacher on the corpus
-first.
+an existing model of any supported family (a directory, .gguf file, hub id, or fetch:NAME) used with its own
+tokenizer: then no tokenizer is trained, the shards are built with the teacher's, and every student, the untrained
+floor included, is the teacher's family and shape with fewer blocks. `teacher_steps` > 0 fine-tunes an existing
+teacher on the corpus first.
+
+A variant (config.VARIANTS) is data: the overrides it applies to the main students' recipe. The learning curve
+costs no extra training: the variant_layers student stops at each fraction of its budget (its schedule is that of
+the whole budget), its model files are copied aside and evaluated, and it resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import (
+    VARIANTS,
     CacheTeacherConfig,
     ConfigError,
     CorpusConfig,
@@ -30,19 +39,27 @@ from distil_codegpt.config import (
     SweepConfig,
     TokenizerConfig,
     TrainConfig,
+    Variant,
     build_config,
     to_dict,
 )
 from distil_codegpt.runinfo import write_json, write_manifest
 
+MAIN = Variant("", "")  # the main students' recipe, unchanged
+FETCH = "fetch:"
+
 
 @dataclass
 class Step:
-    """One stage run; done when `marker` exists (the file the stage writes last)."""
+    """One stage run; done when `marker` exists (the file the stage writes last), or when `done` says so."""
 
     name: str
     marker: Path
     run: Callable[[], Any]
+    done: Callable[[], bool] | None = None
+
+    def is_done(self) -> bool:
+        return self.done() if self.done else self.marker.is_file()
 
 
 @dataclass
@@ -52,9 +69,26 @@ class Model:
     name: str  # its directory under the sweep dir
     label: str
     layers: int
-    kind: str  # teacher | untrained | student | control
+    kind: str  # teacher | untrained | student | control | curve
     variant: str
     steps: list[Step] = field(default_factory=list)
+    tokens: int | None = None  # training tokens (KD or CE) of a student
+    seed: int | None = None
+    distil: dict[str, Any] | None = None  # the settings of its KD run
+
+
+def fetched_teacher(name: str) -> Path:
+    """fetch:NAME as a model directory: downloaded and imported once into the cache, then reused by every sweep."""
+    from distil_codegpt.model import gguf
+
+    if name not in gguf.TEACHERS:
+        raise ConfigError(
+            f"teacher_model: '{FETCH}{name}' names no known teacher; use one of {', '.join(gguf.TEACHERS)}"
+        )
+    target = gguf.cache_root() / "teachers" / f"{name}-fp32"
+    if not (target / "config.json").is_file():  # an import lands whole or not at all
+        gguf.fetch_teacher(name, target)
+    return target
 
 
 class Sweep:
@@ -79,6 +113,9 @@ class Sweep:
         deepest = max([*cfg.students, cfg.variant_layers if cfg.variants else 0])
         if deepest > self.teacher_depth:
             raise ConfigError(f"students: {deepest} layers exceed the teacher's {self.teacher_depth}; use fewer")
+        self.step_tokens = cfg.batch_size * cfg.seq_len
+        self.budget = cfg.student_tokens or cfg.student_steps * self.step_tokens  # tokens per student
+        self.ppl = self.data / "perplexity" / "test.txt" if cfg.perplexity_files else self.data / "test.txt"
 
     def _existing_teacher(self) -> tuple[str, str, int]:
         """(where it loads from, family, depth) of an existing teacher, checked against the corpus format first."""
@@ -90,7 +127,10 @@ class Sweep:
         from distil_codegpt.model.presets import model_type_of, resolve_model
 
         c = self.cfg
-        source = resolve_model(c.teacher_model, role="teacher_model")  # a .gguf file: imported once, cached
+        if c.teacher_model.startswith(FETCH):
+            source = str(fetched_teacher(c.teacher_model[len(FETCH) :]))
+        else:  # a .gguf file: imported once, cached
+            source = resolve_model(c.teacher_model, role="teacher_model")
         families.family_name(model_type_of(source, role="teacher_model"), what=f"teacher_model {c.teacher_model!r}")
         if c.format == "codexglue" and EOL not in model_tokenizer(source).get_vocab():
             raise ConfigError(
@@ -101,6 +141,9 @@ class Sweep:
         return source, families.family(config).name, families.depth(config)
 
     # ------------------------------------------------------------ configs of the stages
+
+    def _steps(self, tokens: int) -> int:
+        return math.ceil(tokens / self.step_tokens)
 
     def _loop(self, out: Path, steps: int, lr: float, **kw: Any) -> dict[str, Any]:
         c = self.cfg
@@ -119,9 +162,13 @@ class Sweep:
             "precision": c.precision,
             "threads": c.threads,
             "seed": c.seed,
-            "resume": (out / "checkpoints" / "last.pt").is_file(),
             **kw,
         }
+
+    @staticmethod
+    def _resumed(values: dict[str, Any]) -> dict[str, Any]:
+        """Resume when the run left a checkpoint: decided when the step runs, after the steps before it."""
+        return {**values, "resume": (Path(values["out"]) / "checkpoints" / "last.pt").is_file()}
 
     def _train(self, what: str, out: Path, model: str, steps: int, lr: float, **kw: Any) -> Step:
         from distil_codegpt.distill.run import run_train
@@ -132,17 +179,15 @@ class Sweep:
             own = self.tok or (self.source if looks_local(self.source) else "")
             tok = {"tokenizer": str(own)} if own else {}
         values = self._loop(out, steps, lr, model=model, **tok, **kw)
-        return Step(what, out / "run.json", lambda: run_train(build_config(TrainConfig, values)))
+        return Step(what, out / "run.json", lambda: run_train(build_config(TrainConfig, self._resumed(values))))
 
-    def _distil(self, out: Path, init: Path, steps: int, **kw: Any) -> Step:
-        from distil_codegpt.distill.run import run_distil
-
+    def _distil(self, out: Path, init: Path, steps: int, **kw: Any) -> dict[str, Any]:
         c = self.cfg
         values = self._loop(out, steps, c.student_lr, teacher=str(self.teacher), student=str(init))
         values.update(temperature=c.temperature, alpha_ce=c.alpha_ce, alpha_clm=c.alpha_clm, alpha_cos=c.alpha_cos)
-        values.update(teacher_mode="train", teacher_lr=c.student_lr)
+        values.update(divergence=c.divergence, teacher_mode=c.teacher_mode, teacher_lr=c.student_lr)
         values.update(kw)
-        return Step("distil", out / "run.json", lambda: run_distil(build_config(DistilConfig, values)))
+        return values
 
     def _cache(self) -> Step:
         """The teacher's top-k over the train split, once, for every frozen-teacher student (`teacher_cache`)."""
@@ -151,11 +196,11 @@ class Sweep:
         c = self.cfg
         values = {"teacher": str(self.teacher), "data": str(self.data), "out": str(self.out / "teacher-cache"),
                   "top_k": c.cache_top_k, "seq_len": c.seq_len, "device": c.device, "precision": c.precision,
-                  "threads": c.threads}  # fmt: skip
+                  "threads": c.threads, "max_windows": c.cache_windows}  # fmt: skip
         return Step("cache teacher", self.out / "teacher-cache" / "run.json",
                     lambda: build_cache(build_config(CacheTeacherConfig, values)))  # fmt: skip
 
-    def _student(self, what: str, out: Path, layers: int, **kw: Any) -> Step:
+    def _student(self, what: str, out: Path, layers: int, pick: str = "", **kw: Any) -> Step:
         """A student directory; one made from the teacher's layers takes them by `pick` (a data pick scores them
         on the corpus's dev split, with the teacher's tokenizer)."""
         from distil_codegpt.model.student import DATA_PICKS, build_student
@@ -163,8 +208,8 @@ class Sweep:
         c = self.cfg
         values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": c.seed, **kw}
         if not (kw.get("random") or kw.get("init_from")):
-            values["pick"] = c.pick
-            if c.pick in DATA_PICKS:
+            values["pick"] = pick or c.pick
+            if values["pick"] in DATA_PICKS:
                 values.update(data=str(self.data), pick_seq_len=c.seq_len)
         return Step(what, out / "run.json", lambda: build_student(build_config(StudentConfig, values)))
 
@@ -172,8 +217,6 @@ class Sweep:
 
     def models(self) -> list[Model]:
         c = self.cfg
-        s = self.out / "students"
-        models = []
         n = self.teacher_depth
         teacher = Model("teacher", f"Teacher ({n} layers)", n, "teacher", "")
         if self.preset_teacher or c.teacher_steps:
@@ -181,67 +224,130 @@ class Sweep:
             teacher.steps.append(
                 self._train("train teacher", self.teacher, c.teacher_model, c.teacher_steps, c.teacher_lr, **layers)
             )
-        models.append(teacher)
-        untrained = Model("untrained", "Untrained (teacher shape)", n, "untrained", "no training")
-        untrained.steps.append(self._student("random init", self.out / "untrained", n, random=True))
-        models.append(untrained)
+        models = [teacher]
+        if c.untrained:
+            untrained = Model("untrained", "Untrained (teacher shape)", n, "untrained", "no training")
+            untrained.steps.append(self._student("random init", self.out / "untrained", n, random=True))
+            models.append(untrained)
         for k in c.students:
-            m = Model(f"students/kd-{k}", f"{k} layers", k, "student", "in-training KD")
-            m.steps += [
-                self._student("init", s / f"init-{k}", k),
-                self._distil(s / f"kd-{k}", s / f"init-{k}", c.student_steps),
-            ]
-            models.append(m)
-        k = c.variant_layers
-        init = s / f"init-{k}"
-        plans = {
-            "pretrained-weights": ("Pretrained-Weights", "CLM pre-training on code, then in-training KD"),
-            "frozen": ("Frozen teacher", "pre-training KD (teacher frozen)"),
-            "low-temperature": (f"T={c.low_temperature:g}", f"in-training KD at temperature {c.low_temperature:g}"),
-            "high-temperature": (f"T={c.high_temperature:g}", f"in-training KD at temperature {c.high_temperature:g}"),
-            "no-cosine": ("No hidden-state loss", "in-training KD, alpha_cos = 0"),
-            "longer": (f"{c.longer_factor:g}x steps", f"in-training KD, {c.longer_factor:g}x the steps"),
-            "ce-only": ("No KD (CE only)", "causal LM only, same init and steps: the control"),
-        }
-        for v in c.variants:
-            label, desc = plans[v]
-            m = Model(f"students/{k}-{v}", f"{k} layers, {label}", k, "control" if v == "ce-only" else "student", desc)
-            m.steps.append(self._student("init", init, k))  # shared with the kd-k student and the other variants
-            out = s / f"{k}-{v}"
-            if v == "pretrained-weights":
-                pre = s / f"{k}-clm-pretrain"
-                steps = c.pretrain_steps or c.student_steps
-                m.steps = [
-                    self._student("random init", pre / "init", k, random=True),
-                    self._train("CLM pre-training", pre, str(pre / "init"), steps, c.student_lr),
-                    self._student("init from pre-trained", pre / "student-init", k, init_from=str(pre)),
-                    self._distil(out, pre / "student-init", c.student_steps),
-                ]
-            elif v == "ce-only":
-                m.steps.append(self._train("CE training", out, str(init), c.student_steps, c.student_lr))
-            else:
-                kw: dict[str, Any] = {
-                    "frozen": {"teacher_mode": "frozen"},
-                    "low-temperature": {"temperature": c.low_temperature},
-                    "high-temperature": {"temperature": c.high_temperature},
-                    "no-cosine": {"alpha_cos": 0.0},
-                    "longer": {},
-                }[v]
-                steps = round(c.student_steps * c.longer_factor) if v == "longer" else c.student_steps
-                if v == "frozen" and c.teacher_cache:
-                    m.steps.append(self._cache())
-                    kw.update(teacher="", teacher_cache=str(self.out / "teacher-cache"), alpha_cos=0.0)
-                    m.variant += ", from the teacher cache (no hidden-state loss)"
-                m.steps.append(self._distil(out, init, steps, **kw))
-            models.append(m)
+            curve = bool(c.curve) and k == c.variant_layers
+            main = self._model(k, "main", MAIN, c.seed, curve=curve)
+            models += [*(self._curve(main) if curve else []), main]
+        models += [self._model(c.variant_layers, v, VARIANTS[v], c.seed) for v in c.variants]
+        for seed in c.seeds:
+            for v in c.seed_variants:
+                models.append(self._model(c.variant_layers, v, MAIN if v == "main" else VARIANTS[v], seed))
         return models
+
+    def _model(self, k: int, name: str, v: Variant, seed: int, curve: bool = False) -> Model:
+        """The k-layer student of variant `name` (main: the main students' recipe) trained with `seed`."""
+        c, s = self.cfg, self.out / "students"
+        fields = to_dict(c)
+        suffix = "" if seed == c.seed else f"-seed{seed}"
+        label = f"{k} layers" + (f", {v.label.format(**fields)}" if v.label else "")
+        label += f", seed {seed}" if suffix else ""
+        out = s / (f"kd-{k}{suffix}" if name == "main" else f"{k}-{name}{suffix}")
+        tokens = round(self.budget * (getattr(c, v.tokens) if v.tokens else 1))
+        n_steps = self._steps(tokens)
+        m = Model(f"students/{out.name}", label, k, "student" if v.kd else "control", "", tokens=tokens, seed=seed)
+        pick = v.pick or c.pick
+        init = s / (f"init-{k}" if pick == c.pick else f"init-{k}-{pick}")
+        if v.init == "pretrained":
+            pre = s / f"{k}-clm-pretrain{suffix}"
+            pre_steps = c.pretrain_steps or n_steps
+            m.steps = [
+                self._student("random init", pre / "init", k, random=True, seed=seed),
+                self._train("CLM pre-training", pre, str(pre / "init"), pre_steps, c.student_lr, seed=seed),
+                self._student("init from pre-trained", pre / "student-init", k, init_from=str(pre)),
+            ]
+            init = pre / "student-init"
+        elif v.init == "random":
+            init = s / f"init-{k}-random{suffix}"
+            m.steps.append(self._student("random init", init, k, random=True, seed=seed))
+        else:  # the teacher's layers: shared by every student of this depth and pick
+            m.steps.append(self._student("init", init, k, pick=pick))
+        desc = v.description.format(**fields)
+        if not v.kd:
+            m.variant = desc
+            m.steps.append(self._train("CE training", out, str(init), n_steps, c.student_lr, seed=seed))
+            return m
+        kw = {key: getattr(c, x[1:]) if isinstance(x, str) and x.startswith("@") else x for key, x in v.distil.items()}
+        mode = kw.get("teacher_mode", c.teacher_mode)
+        how = "in-training KD" if mode == "train" else "frozen-teacher KD"
+        if c.teacher_cache and mode == "frozen" and not v.online:
+            m.steps.append(self._cache())
+            kw.update(teacher="", teacher_cache=str(self.out / "teacher-cache"), alpha_cos=0.0)
+            how += " from the teacher cache (no hidden-state loss)"
+        m.variant = how + (f"; {desc}" if desc else "")
+        m.distil = values = self._distil(out, init, n_steps, seed=seed, **kw)
+        done = (lambda: _trained(out, n_steps)) if curve else None  # the curve's stops write run.json too
+        m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
+        return m
+
+    def _curve(self, main: Model) -> list[Model]:
+        """The main student at each fraction of its budget: one run that stops, is copied aside and resumes (the
+        copies are evaluated like any model)."""
+        c, s, k = self.cfg, self.out / "students", main.layers
+        values, points = main.distil or {}, []
+        for f in sorted(set(c.curve)):
+            tokens = max(round(f * self._steps(self.budget)), 1) * self.step_tokens
+            if tokens >= self.budget or tokens in [p.tokens for p in points]:
+                continue
+            snap = s / f"kd-{k}-at-{tokens}"
+            p = Model(f"students/{snap.name}", f"{k} layers, {tokens:,} tokens", k, "curve", main.variant)
+            p.tokens, p.seed = tokens, c.seed
+            stop = {**values, "max_tokens": tokens}
+            step = Step(f"distil to {tokens:,} tokens", snap / "run.json", partial(self._stop, stop, snap))
+            p.steps = [*main.steps[:-1], step]
+            points.append(p)
+        return points
+
+    def _stop(self, values: dict[str, Any], snap: Path) -> None:
+        """Train up to a learning-curve point (resuming), then copy the model aside for its evaluation."""
+        out, tokens = Path(values["out"]), values["max_tokens"]
+        run = _read(out / "run.json")
+        if (run.get("metrics") or {}).get("tokens", 0) > tokens:
+            raise ConfigError(
+                f"curve: {out} has trained past {tokens:,} tokens, so that point can no longer be saved; remove {out}"
+                " (and its students/*-at-* copies) to redo the learning curve, or drop the point from curve"
+            )
+        _run_distil(self._resumed(values))
+        _snapshot(out, snap)
 
     # ------------------------------------------------------------ running
 
-    def run(self) -> dict[str, Any]:
+    def plan(self, models: list[Model]) -> list[Step]:
         from distil_codegpt.data.corpus import build_corpus
         from distil_codegpt.data.tokenizer import train_tokenizer
         from distil_codegpt.evaluate.run import run_evaluate
+
+        c = self.cfg
+        corpus = {"out": str(self.data), "src": c.src, "format": c.format, "seed": c.seed,
+                  "line_examples": c.line_examples, "workers": c.threads}  # fmt: skip
+        plan = [Step("corpus", self.data / "corpus.json", lambda: build_corpus(build_config(CorpusConfig, corpus)))]
+        if c.perplexity_files:
+            plan.append(
+                Step("perplexity files", self.ppl, lambda: _first_files(self.data, self.ppl, c.perplexity_files))
+            )
+        if self.tok:
+            tok = {"data": str(self.data), "out": str(self.tok), "vocab_size": c.vocab_size}
+            plan.append(Step("tokenizer", self.tok / "tokenizer_meta.json",
+                             lambda: train_tokenizer(build_config(TokenizerConfig, tok))))  # fmt: skip
+        for m in models:
+            planned = {st.marker for st in plan}  # the variants share inits and the cache: each runs once
+            plan += [
+                Step(f"{m.name}: {st.name}", st.marker, st.run, st.done) for st in m.steps if st.marker not in planned
+            ]
+            ev = {"model": str(self._model_dir(m)), "test": str(self.data / "line_completion" / "test.json"),
+                  "out": str(self.out / m.name / "eval"), "limit": c.eval_limit, "batch_size": c.eval_batch_size,
+                  "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device, "context": c.eval_context,
+                  "max_new_tokens": c.eval_max_new_tokens, "precision": c.precision, "threads": c.threads,
+                  "tokens": str(self.ppl)}  # fmt: skip
+            plan.append(Step(f"{m.name}: evaluate", self.out / m.name / "eval" / "metrics.json",
+                             lambda ev=ev: run_evaluate(build_config(EvaluateConfig, ev))))  # fmt: skip
+        return plan
+
+    def run(self) -> dict[str, Any]:
         from distil_codegpt.experiment.report import build_report
 
         t0 = time.perf_counter()
@@ -249,31 +355,22 @@ class Sweep:
         self.out.mkdir(parents=True, exist_ok=True)
         models = self.models()
         entries = [_entry(m) for m in models]
-        write_json(self.out / "sweep.json", {"config": to_dict(c), "teacher": self.teacher_info, "models": entries})
-        corpus = {"out": str(self.data), "src": c.src, "format": c.format, "seed": c.seed,
-                  "line_examples": c.line_examples, "workers": c.threads}  # fmt: skip
-        plan = [Step("corpus", self.data / "corpus.json", lambda: build_corpus(build_config(CorpusConfig, corpus)))]
-        if self.tok:
-            tok = {"data": str(self.data), "out": str(self.tok), "vocab_size": c.vocab_size}
-            plan.append(Step("tokenizer", self.tok / "tokenizer_meta.json",
-                             lambda: train_tokenizer(build_config(TokenizerConfig, tok))))  # fmt: skip
-        for m in models:
-            planned = {st.marker for st in plan}  # the variants share the init of the kd-k student: run it once
-            plan += [Step(f"{m.name}: {st.name}", st.marker, st.run) for st in m.steps if st.marker not in planned]
-            ev = {"model": str(self._model_dir(m)), "test": str(self.data / "line_completion" / "test.json"),
-                  "out": str(self.out / m.name / "eval"), "limit": c.eval_limit, "batch_size": c.eval_batch_size,
-                  "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device,
-                  "precision": c.precision, "threads": c.threads, "tokens": str(self.data / "test.txt")}  # fmt: skip
-            plan.append(Step(f"{m.name}: evaluate", self.out / m.name / "eval" / "metrics.json",
-                             lambda ev=ev: run_evaluate(build_config(EvaluateConfig, ev))))  # fmt: skip
+        info = {"config": to_dict(c), "teacher": self.teacher_info, "budget_tokens": self.budget, "models": entries}
+        write_json(self.out / "sweep.json", info)
+        plan = self.plan(models)
+        timings_path = self.out / "timings.json"
+        timings = _read(timings_path)
         done = 0
         for i, step in enumerate(plan, 1):
-            if step.marker.is_file():
+            if step.is_done():
                 print(f"[{i}/{len(plan)}] {step.name}: done already, skipped", flush=True)
                 done += 1
                 continue
             print(f"[{i}/{len(plan)}] {step.name}  (sweep time so far {_mmss(time.perf_counter() - t0)})", flush=True)
+            start = time.perf_counter()
             step.run()
+            timings[step.name] = round(time.perf_counter() - start, 1)
+            write_json(timings_path, timings)
         summary = build_report(build_config(ReportConfig, {"dir": str(self.out)}))
         seconds = time.perf_counter() - t0
         write_manifest(self.out, "sweep", to_dict(c), {"steps": len(plan), "skipped": done}, seconds, c.seed)
@@ -283,8 +380,48 @@ class Sweep:
         return self.teacher if m.name == "teacher" else self.out / m.name
 
 
+def _run_distil(values: dict[str, Any]) -> Any:
+    from distil_codegpt.distill.run import run_distil
+
+    return run_distil(build_config(DistilConfig, values))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A JSON file this sweep wrote, or {} before it exists."""
+    return read_json(path, fix=f"remove {path} and rerun the sweep") if path.is_file() else {}
+
+
+def _trained(out: Path, steps: int) -> bool:
+    """Whether the run in `out` reached its last step (a learning-curve stop writes run.json before that)."""
+    run = _read(out / "run.json")
+    return (run.get("metrics") or {}).get("steps", 0) >= steps
+
+
+def _snapshot(src: Path, dst: Path) -> None:
+    """The run's model files as they are now (not its checkpoints, logs or in-training teacher), with its run.json:
+    copied to a sibling and renamed into place, so `dst` is whole or absent."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file() and p.name != "metrics.jsonl":
+            shutil.copy2(p, tmp / p.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _first_files(data: Path, out: Path, n: int) -> None:
+    """The first n files of the test split (one per line), beside a copy of corpus.json that says their format:
+    perplexity over a whole split costs as much as evaluating a model twice."""
+    lines = (data / "test.txt").read_text(encoding="utf-8").split("\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(data / "corpus.json", out.parent / "corpus.json")
+    out.write_text("".join(x + "\n" for x in [x for x in lines if x][:n]), encoding="utf-8")
+
+
 def _entry(m: Model) -> dict[str, Any]:
-    return {"name": m.name, "label": m.label, "layers": m.layers, "kind": m.kind, "variant": m.variant}
+    entry = {"name": m.name, "label": m.label, "layers": m.layers, "kind": m.kind, "variant": m.variant}
+    return entry | ({"tokens": m.tokens, "seed": m.seed} if m.tokens is not None else {})
 
 
 def _mmss(seconds: float) -> str:
