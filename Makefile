@@ -4,8 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
+# make demo: the real model. TOKENS (KD tokens) and EXAMPLES (evaluated lines) left empty keep the config's.
+DEMO_OUT ?= runs/demo-real
+TOKENS   ?=
+EXAMPLES ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo study-toy study-real test lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job: the study at toy scale on the Python standard library (configs/demo.yaml).
+## The main job on the real model: SmolLM2-135M fetched and imported, one 15-layer student distilled from it on the
+## raw standard library, teacher and student evaluated side by side (configs/demo-real.yaml).
 demo: $(STAMP)
-	$(BIN)/distil-codegpt sweep configs/demo.yaml --out $(OUT)
+	$(BIN)/distil-codegpt sweep configs/demo-real.yaml --out $(DEMO_OUT) \
+		$(if $(TOKENS),--student-tokens $(TOKENS)) $(if $(EXAMPLES),--eval-limit $(EXAMPLES))
+	@echo "serve the student to an editor: $(BIN)/distil-codegpt serve --model $(DEMO_OUT)/students/kd-15"
+
+## The seed study's experiment at toy scale: a teacher trained here from scratch (configs/study-toy.yaml).
+study-toy: $(STAMP)
+	$(BIN)/distil-codegpt sweep configs/study-toy.yaml --out $(OUT)
+
+## The study on the real teacher, about 3 hours on 2 cores (configs/real.yaml).
+study-real: $(STAMP)
+	$(BIN)/distil-codegpt sweep configs/real.yaml --out runs/real
 
 ## The test suite (CPU, tiny models and data made by the tests).
 test: $(STAMP)

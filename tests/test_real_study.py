@@ -1,0 +1,227 @@
+"""The real-teacher study's code paths on a tiny llama standing in for SmolLM2 (the fetch is replaced by one that
+writes it: nothing is downloaded): fetch:NAME, budgets in tokens, the variants as data, one teacher cache, the
+learning curve from stops of one run, a second seed, the cost columns, wall times, and the configs that launch
+the real runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SLICE, STDLIB
+from safetensors.torch import load_file
+from test_real_tokenizer import smollm_like_tokenizer
+from transformers import AutoModelForCausalLM
+
+from distil_codegpt.config import ConfigError, DistilConfig, SweepConfig, build_config
+from distil_codegpt.distill.run import run_distil
+from distil_codegpt.experiment.sweep import Sweep, run_sweep
+from distil_codegpt.model import gguf
+from distil_codegpt.model.presets import preset_config
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ["in-training", "pick-angular", "high-temperature", "reverse-kl", "cosine", "online", "longer",
+            "random-init", "ce-only"]  # fmt: skip
+STUDY = {
+    "format": "raw",
+    "teacher_model": "fetch:smollm2",
+    "teacher_steps": 0,
+    "students": [1, 2],
+    "teacher_mode": "frozen",
+    "student_tokens": 512,  # 4 steps of 4 x 32
+    "student_lr": 3e-3,
+    "temperature": 1.0,
+    "alpha_ce": 1.0,
+    "alpha_clm": 0.0,
+    "alpha_cos": 0.0,
+    "teacher_cache": True,
+    "cache_top_k": 8,
+    "cache_windows": 16,
+    "variant_layers": 2,
+    "variants": VARIANTS,
+    "high_temperature": 2.0,
+    "curve": [0.5],
+    "seeds": [43],
+    "untrained": False,
+    "seq_len": 32,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "line_examples": 20,
+    "eval_limit": 6,
+    "eval_batch_size": 6,
+    "eval_context": 64,
+    "eval_max_new_tokens": 6,
+    "perplexity_files": 2,
+    "latency_samples": 1,
+    "threads": 1,
+}
+
+
+def fake_fetch(calls: list[str], layers: int):  # noqa: ANN201
+    """What fetch_teacher leaves in `out`, at test size: a llama with a SmolLM2-like tokenizer."""
+
+    def fetch(name: str, out: str | Path, dtype: str = "fp32") -> dict:
+        calls.append(name)
+        tok = smollm_like_tokenizer(Path(out))
+        torch.manual_seed(0)
+        config = preset_config("tiny-llama", len(tok), layers=layers, eos_token_id=tok.eos_token_id)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        return {}
+
+    return fetch
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepConfig, list[str]]:
+    root = tmp_path_factory.mktemp("real-study")
+    src = root / "src"
+    src.mkdir()
+    for name in SLICE[:4]:
+        shutil.copy(STDLIB / name, src / name)
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTIL_CODEGPT_CACHE", str(root / "cache"))
+        mp.setattr(gguf, "fetch_teacher", fake_fetch(calls, layers=4))
+        cfg = build_config(SweepConfig, {**STUDY, "out": str(root / "out"), "src": [str(src)]})
+        run_sweep(cfg)
+        yield root / "out", cfg, calls
+
+
+def _config(out: Path, name: str) -> dict:
+    return json.loads((out / name / "run.json").read_text())["config"]
+
+
+def _metrics(out: Path, name: str) -> dict:
+    return json.loads((out / name / "run.json").read_text())["metrics"]
+
+
+def test_every_variant_applies_its_overrides(study) -> None:
+    out, _, calls = study
+    sweep = json.loads((out / "sweep.json").read_text())
+    names = [m["name"] for m in sweep["models"]]
+    students = ["students/kd-1", "students/kd-2-at-256", "students/kd-2"]
+    assert names == ["teacher", *students, *[f"students/2-{v}" for v in VARIANTS], "students/kd-2-seed43"]
+    teacher = out.parent / "cache" / "teachers" / "smollm2-fp32"
+    assert calls == ["smollm2"] and sweep["teacher"]["model"] == "fetch:smollm2" and sweep["teacher"]["layers"] == 4
+    cache = str(out / "teacher-cache")
+    main = _config(out, "students/kd-2")
+    assert (main["teacher"], main["teacher_cache"], main["teacher_mode"]) == ("", cache, "frozen")
+    assert (main["divergence"], main["temperature"], main["alpha_cos"], main["max_steps"]) == ("forward", 1.0, 0.0, 4)
+    assert json.loads((out / "teacher-cache" / "cache.json").read_text())["n_windows"] == 16
+    trains = _config(out, "students/2-in-training")
+    assert (trains["teacher_mode"], trains["teacher_cache"], trains["teacher"]) == ("train", "", str(teacher))
+    assert _config(out, "students/2-reverse-kl")["divergence"] == "reverse"
+    assert _config(out, "students/2-reverse-kl")["teacher_cache"] == cache
+    assert _config(out, "students/2-high-temperature")["temperature"] == 2.0
+    cosine, online = _config(out, "students/2-cosine"), _config(out, "students/2-online")
+    assert (cosine["alpha_cos"], cosine["teacher_cache"], cosine["teacher"]) == (1.0, "", str(teacher))
+    assert (online["alpha_cos"], online["teacher_cache"], online["teacher"]) == (0.0, "", str(teacher))
+    angular = json.loads((out / "students" / "init-2-angular" / "config.json").read_text())
+    assert angular["distil_pick"] == "angular" and _config(out, "students/2-pick-angular")["student"].endswith(
+        "angular"
+    )
+    random_init = json.loads((out / "students" / "init-2-random" / "config.json").read_text())
+    assert random_init["distil_init"] == "random" and random_init["num_hidden_layers"] == 2
+    assert json.loads((out / "students/2-ce-only/run.json").read_text())["stage"] == "train"
+    assert _metrics(out, "students/kd-1")["tokens"] == 512 and _metrics(out, "students/2-longer")["tokens"] == 1024
+    assert _config(out, "students/kd-2-seed43")["seed"] == 43 and _metrics(out, "students/kd-2-seed43")["tokens"] == 512
+    for name in names:
+        assert json.loads((out / name / "eval" / "metrics.json").read_text())["n"] == 6
+
+
+def test_learning_curve_stops_one_run_and_resumes_it(study, tmp_path: Path) -> None:
+    out, _, _ = study
+    point, final = out / "students" / "kd-2-at-256", out / "students" / "kd-2"
+    assert (_metrics(out, "students/kd-2-at-256")["tokens"], _metrics(out, "students/kd-2")["tokens"]) == (256, 512)
+    assert not (point / "checkpoints").exists() and (point / "model.safetensors").is_file()
+    # stopped at 256 tokens and resumed to 512 = one run straight to 512
+    straight = {**_config(out, "students/kd-2"), "out": str(tmp_path / "straight"), "resume": False}
+    run_distil(build_config(DistilConfig, straight))
+    resumed, direct = load_file(final / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.allclose(resumed[k], direct[k], atol=1e-6) for k in direct)
+    stopped = load_file(point / "model.safetensors")
+    assert any(not torch.equal(stopped[k], resumed[k]) for k in direct)
+    with open(out / "results.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert (rows["students/kd-2-at-256"]["kind"], rows["students/kd-2-at-256"]["tokens"]) == ("curve", "256")
+    assert (out / "plots" / "learning_curve.png").is_file() and (out / "plots" / "es_vs_latency.png").is_file()
+    assert "![learning_curve](plots/learning_curve.png)" in (out / "results.md").read_text()
+
+
+def test_cost_columns_and_wall_times(study) -> None:
+    out, _, _ = study
+    with open(out / "results.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    teacher = AutoModelForCausalLM.from_pretrained(out.parent / "cache" / "teachers" / "smollm2-fp32")
+    linear = sum(m.weight.numel() for m in teacher.modules() if isinstance(m, torch.nn.Linear))  # blocks + head
+    assert int(rows["teacher"]["macs_per_token"]) == linear
+    assert float(rows["teacher"]["compute_share_pct"]) == 100.0 and float(rows["teacher"]["latency_speedup"]) == 1.0
+    shares = [float(rows[n]["compute_share_pct"]) for n in ("students/kd-1", "students/kd-2")]
+    assert 0 < shares[0] < shares[1] < 100
+    assert rows["teacher"]["latency_warm_ms_p50"] == ""  # not measured by evaluate
+    md = (out / "results.md").read_text()
+    assert "## Against the teacher" in md and "| Compute share |" in md and "Warm p50" in md
+    timings = json.loads((out / "timings.json").read_text())
+    assert "students/kd-2: distil" in timings and "cache teacher" in " ".join(timings)
+    assert all(s >= 0 for s in timings.values()) and "## Wall time of each step" in md
+
+
+def test_rerun_fetches_nothing_and_skips_every_step(study, capsys: pytest.CaptureFixture) -> None:
+    out, cfg, calls = study
+    again = run_sweep(cfg)
+    assert again["skipped"] == again["steps"] and calls == ["smollm2"]
+    assert "done already, skipped" in capsys.readouterr().out
+
+
+def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTIL_CODEGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf, "fetch_teacher", fake_fetch([], layers=30))
+    real = Sweep(build_config(SweepConfig, {"out": str(tmp_path / "real")}, yaml_path=ROOT / "configs" / "real.yaml"))
+    models = real.models()
+    names = [m.name for m in models]
+    variants = "in-training pick-influence pick-angular high-temperature reverse-kl cosine online longer".split()
+    assert names == ["teacher", "students/kd-6", "students/kd-10-at-28672", "students/kd-10-at-57344",
+                     "students/kd-10", "students/kd-15", "students/kd-20",
+                     *[f"students/10-{v}" for v in [*variants, "random-init", "ce-only"]],
+                     "students/kd-10-seed43", "students/10-in-training-seed43"]  # fmt: skip
+    tokens = {m.name: m.tokens for m in models if m.tokens}
+    assert tokens["students/kd-6"] == tokens["students/10-ce-only"] == 114_688
+    assert tokens["students/10-longer"] == 229_376 and tokens["students/kd-10-at-28672"] == 28_672
+    for m in models:  # every KD run's settings are a valid distil config
+        if m.distil:
+            assert build_config(DistilConfig, m.distil).max_steps == m.tokens // 1024
+    plan = real.plan(models)
+    assert [s.name for s in plan].count("students/kd-6: cache teacher") == 1
+    assert sum(s.name.endswith("cache teacher") for s in plan) == 1 and len(plan) == len(set(s.marker for s in plan))
+    demo = Sweep(
+        build_config(SweepConfig, {"out": str(tmp_path / "demo")}, yaml_path=ROOT / "configs" / "demo-real.yaml")
+    )
+    (teacher, student) = demo.models()
+    assert (teacher.name, student.name, student.tokens) == ("teacher", "students/kd-15", 160_000)
+    d = build_config(DistilConfig, student.distil)
+    assert (d.temperature, d.alpha_ce, d.alpha_clm, d.alpha_cos, d.divergence) == (1.0, 1.0, 0.0, 0.0, "forward")
+    assert (d.lr, d.batch_size, d.seq_len, d.max_steps, d.teacher_mode, d.teacher_cache) == (
+        3e-4,
+        4,
+        256,
+        157,
+        "frozen",
+        "",
+    )
+
+
+def test_unknown_fetch_name_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="teacher_model: 'fetch:gpt5' names no known teacher; use one of smollm2"):
+        Sweep(build_config(SweepConfig, {"out": str(tmp_path), "teacher_model": "fetch:gpt5"}))
+
+
+def test_a_curve_point_past_the_run_is_refused(study) -> None:
+    """Last: it removes a point of the module's sweep. The run is past 256 tokens, so that copy cannot be made again."""
+    out, cfg, _ = study
+    shutil.rmtree(out / "students" / "kd-2-at-256")
+    with pytest.raises(ConfigError, match="curve: .*kd-2 has trained past 256 tokens"):
+        run_sweep(cfg)
