@@ -170,11 +170,17 @@ def test_cost_columns_and_wall_times(study) -> None:
     assert all(s >= 0 for s in timings.values()) and "## Wall time of each step" in md
 
 
-def test_rerun_fetches_nothing_and_skips_every_step(study, capsys: pytest.CaptureFixture) -> None:
+def test_rerun_resumes_a_cut_short_distil_and_skips_the_rest(study, capsys: pytest.CaptureFixture) -> None:
     out, cfg, calls = study
+    (out / "students/kd-1/run.json").unlink()  # as if cut short after its last checkpoint
+    shutil.rmtree(out / "students/kd-1/eval")
     again = run_sweep(cfg)
-    assert again["skipped"] == again["steps"] and calls == ["smollm2"]
-    assert "done already, skipped" in capsys.readouterr().out
+    assert again["skipped"] == again["steps"] - 2 and calls == ["smollm2"]
+    kd1 = json.loads((out / "students/kd-1/run.json").read_text())
+    assert kd1["config"]["resume"] is True and kd1["metrics"]["tokens"] == 512
+    capsys.readouterr()
+    again = run_sweep(cfg)
+    assert again["skipped"] == again["steps"] and "done already, skipped" in capsys.readouterr().out
 
 
 def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
