@@ -18,7 +18,6 @@ the whole budget), its model files are copied aside and evaluated, and it resume
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import (
     VARIANTS,
     CacheTeacherConfig,
@@ -43,10 +41,10 @@ from distil_codegpt.config import (
     build_config,
     to_dict,
 )
+from distil_codegpt.experiment.stages import FETCH, fetched_teacher, first_files, read_done, snapshot, trained
 from distil_codegpt.runinfo import write_json, write_manifest
 
 MAIN = Variant("", "")  # the main students' recipe, unchanged
-FETCH = "fetch:"
 
 
 @dataclass
@@ -75,20 +73,6 @@ class Model:
     tokens: int | None = None  # training tokens (KD or CE) of a student
     seed: int | None = None
     distil: dict[str, Any] | None = None  # the settings of its KD run
-
-
-def fetched_teacher(name: str) -> Path:
-    """fetch:NAME as a model directory: downloaded and imported once into the cache, then reused by every sweep."""
-    from distil_codegpt.model import gguf
-
-    if name not in gguf.TEACHERS:
-        raise ConfigError(
-            f"teacher_model: '{FETCH}{name}' names no known teacher; use one of {', '.join(gguf.TEACHERS)}"
-        )
-    target = gguf.cache_root() / "teachers" / f"{name}-fp32"
-    if not (target / "config.json").is_file():  # an import lands whole or not at all
-        gguf.fetch_teacher(name, target)
-    return target
 
 
 class Sweep:
@@ -280,7 +264,7 @@ class Sweep:
             how += " from the teacher cache (no hidden-state loss)"
         m.variant = how + (f"; {desc}" if desc else "")
         m.distil = values = self._distil(out, init, n_steps, seed=seed, **kw)
-        done = (lambda: _trained(out, n_steps)) if curve else None  # the curve's stops write run.json too
+        done = (lambda: trained(out, n_steps)) if curve else None  # the curve's stops write run.json too
         m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
         return m
 
@@ -305,14 +289,14 @@ class Sweep:
     def _stop(self, values: dict[str, Any], snap: Path) -> None:
         """Train up to a learning-curve point (resuming), then copy the model aside for its evaluation."""
         out, tokens = Path(values["out"]), values["max_tokens"]
-        run = _read(out / "run.json")
+        run = read_done(out / "run.json")
         if (run.get("metrics") or {}).get("tokens", 0) > tokens:
             raise ConfigError(
                 f"curve: {out} has trained past {tokens:,} tokens, so that point can no longer be saved; remove {out}"
                 " (and its students/*-at-* copies) to redo the learning curve, or drop the point from curve"
             )
         _run_distil(self._resumed(values))
-        _snapshot(out, snap)
+        snapshot(out, snap)
 
     # ------------------------------------------------------------ running
 
@@ -327,7 +311,7 @@ class Sweep:
         plan = [Step("corpus", self.data / "corpus.json", lambda: build_corpus(build_config(CorpusConfig, corpus)))]
         if c.perplexity_files:
             plan.append(
-                Step("perplexity files", self.ppl, lambda: _first_files(self.data, self.ppl, c.perplexity_files))
+                Step("perplexity files", self.ppl, lambda: first_files(self.data, self.ppl, c.perplexity_files))
             )
         if self.tok:
             tok = {"data": str(self.data), "out": str(self.tok), "vocab_size": c.vocab_size}
@@ -359,7 +343,7 @@ class Sweep:
         write_json(self.out / "sweep.json", info)
         plan = self.plan(models)
         timings_path = self.out / "timings.json"
-        timings = _read(timings_path)
+        timings = read_done(timings_path)
         done = 0
         for i, step in enumerate(plan, 1):
             if step.is_done():
@@ -371,6 +355,7 @@ class Sweep:
             step.run()
             timings[step.name] = round(time.perf_counter() - start, 1)
             write_json(timings_path, timings)
+            print(f"    {step.name}: done in {_mmss(timings[step.name])}", flush=True)
         summary = build_report(build_config(ReportConfig, {"dir": str(self.out)}))
         seconds = time.perf_counter() - t0
         write_manifest(self.out, "sweep", to_dict(c), {"steps": len(plan), "skipped": done}, seconds, c.seed)
@@ -384,39 +369,6 @@ def _run_distil(values: dict[str, Any]) -> Any:
     from distil_codegpt.distill.run import run_distil
 
     return run_distil(build_config(DistilConfig, values))
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """A JSON file this sweep wrote, or {} before it exists."""
-    return read_json(path, fix=f"remove {path} and rerun the sweep") if path.is_file() else {}
-
-
-def _trained(out: Path, steps: int) -> bool:
-    """Whether the run in `out` reached its last step (a learning-curve stop writes run.json before that)."""
-    run = _read(out / "run.json")
-    return (run.get("metrics") or {}).get("steps", 0) >= steps
-
-
-def _snapshot(src: Path, dst: Path) -> None:
-    """The run's model files as they are now (not its checkpoints, logs or in-training teacher), with its run.json:
-    copied to a sibling and renamed into place, so `dst` is whole or absent."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in src.iterdir():
-        if p.is_file() and p.name != "metrics.jsonl":
-            shutil.copy2(p, tmp / p.name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-
-
-def _first_files(data: Path, out: Path, n: int) -> None:
-    """The first n files of the test split (one per line), beside a copy of corpus.json that says their format:
-    perplexity over a whole split costs as much as evaluating a model twice."""
-    lines = (data / "test.txt").read_text(encoding="utf-8").split("\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(data / "corpus.json", out.parent / "corpus.json")
-    out.write_text("".join(x + "\n" for x in [x for x in lines if x][:n]), encoding="utf-8")
 
 
 def _entry(m: Model) -> dict[str, Any]:
