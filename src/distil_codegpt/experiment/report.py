@@ -294,12 +294,13 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
 
     plots = [out / "plots" / f"{spec.stem}.png" for spec in PLOTS]
     base_name = base_row.name if base_row else None
+    models = [r for r in records.values() if r["kind"] != "curve"]  # a curve's stops are on their own plot
     for spec, path in zip(PLOTS, plots):
-        _plot(list(records.values()), spec, base_name, n, path)
+        _plot(models, spec, base_name, n, path)
     study_plots = []
-    if any(r["latency_ms_p50"] is not None for r in records.values()):
+    if any(r["latency_ms_p50"] is not None for r in models):
         study_plots.append(out / "plots" / f"{LATENCY_PLOT.stem}.png")
-        _plot(list(records.values()), LATENCY_PLOT, base_name, n, study_plots[-1])
+        _plot(models, LATENCY_PLOT, base_name, n, study_plots[-1])
     if points := curve_points(list(records.values())):
         study_plots.append(out / "plots" / f"{CURVE_STEM}.png")
         _plot_curve(points, records.get(base_name or ""), n, study_plots[-1])
