@@ -159,7 +159,7 @@ class Sweep:
         from distil_codegpt.model.presets import looks_local
 
         tok = {}
-        if model == self.cfg.teacher_model:  # the tokenizer trained here, or the teacher's own (a .gguf's: its import)
+        if model == (self.source or self.cfg.teacher_model):  # the tokenizer trained here, or the teacher's own
             own = self.tok or (self.source if looks_local(self.source) else "")
             tok = {"tokenizer": str(own)} if own else {}
         values = self._loop(out, steps, lr, model=model, **tok, **kw)
@@ -205,8 +205,9 @@ class Sweep:
         teacher = Model("teacher", f"Teacher ({n} layers)", n, "teacher", "")
         if self.preset_teacher or c.teacher_steps:
             layers = {"layers": c.teacher_layers} if self.preset_teacher else {}
+            model = self.source or c.teacher_model  # a fetched or imported teacher loads from its directory
             teacher.steps.append(
-                self._train("train teacher", self.teacher, c.teacher_model, c.teacher_steps, c.teacher_lr, **layers)
+                self._train("train teacher", self.teacher, model, c.teacher_steps, c.teacher_lr, **layers)
             )
         models = [teacher]
         if c.untrained:
