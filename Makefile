@@ -30,7 +30,7 @@ demo: $(STAMP)
 study-toy: $(STAMP)
 	$(BIN)/distil-codegpt sweep configs/study-toy.yaml --out $(OUT)
 
-## The study on the real teacher, about 3 hours on 2 cores (configs/real.yaml).
+## The study on the real teacher, estimated at about 3 hours on 2 cores (configs/real.yaml).
 study-real: $(STAMP)
 	$(BIN)/distil-codegpt sweep configs/real.yaml --out runs/real
 

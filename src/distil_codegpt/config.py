@@ -348,6 +348,7 @@ class EvaluateConfig:
     max_new_tokens: int = opt(100, "at most this many new tokens per completion")
     context: int = opt(0, "use at most this many positions (0 = the model's context); e.g. the trained seq_len")
     tokens: str = opt("", "token-completion file (e.g. DATA/test.txt) for perplexity (empty = skip)")
+    perplexity_tokens: int = opt(200_000, "perplexity over at most this many of its tokens (the work it costs)")
     latency_samples: int = opt(50, "examples for the batch-1 latency percentiles (0 = skip)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
@@ -361,6 +362,7 @@ class EvaluateConfig:
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
 
     def validate(self) -> None:
+        _check(self.perplexity_tokens >= 2, "perplexity_tokens", self.perplexity_tokens, "use 2 or more")
         _require(self.model, "model", "pass --model DIR")
         _require(self.test, "test", "pass --test FILE (e.g. DATA/line_completion/test.json)")
         _require(self.out, "out", "pass --out DIR")
@@ -501,6 +503,7 @@ class SweepConfig:
     eval_context: int = opt(0, "positions each model sees of a prompt (0 = its context)")
     eval_max_new_tokens: int = opt(100, "longest completion in tokens")
     perplexity_files: int = opt(0, "perplexity over the first N files of the test split (0 = all of it)")
+    perplexity_tokens: int = opt(200_000, "and over at most this many of their tokens")
     latency_samples: int = opt(20, "examples for batch-1 latency")
     beam: int = opt(1, "beam width (CodeXGLUE's pipeline: 5)")
     # Environment
@@ -509,6 +512,7 @@ class SweepConfig:
     threads: int = opt(0, "CPU threads (0 = all cores)")
 
     def validate(self) -> None:
+        _check(self.perplexity_tokens >= 2, "perplexity_tokens", self.perplexity_tokens, "use 2 or more")
         _require(self.out, "out", "pass --out DIR")
         for v in self.variants:
             _check(v in VARIANTS, "variants", v, f"choose from {', '.join(VARIANTS)}")

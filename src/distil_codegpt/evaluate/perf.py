@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distil_codegpt.config import UserError
@@ -123,7 +124,7 @@ def perplexity(
     total, count = 0.0, 0
     amp = autocast_dtype is not None
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
-        for batch in batches:
+        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=len(batches) < 2):
             x = torch.tensor(batch, dtype=torch.long, device=device)  # (B, T)
             logits = model(input_ids=x).logits.float()  # (B, T, V)
             loss = torch.nn.functional.cross_entropy(

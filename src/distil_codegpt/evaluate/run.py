@@ -82,7 +82,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     gpu_mem = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
 
     lat = latency(model, tok, inputs, cfg.latency_samples, **kw)
-    ppl = perplexity(model, tok, cfg.tokens, device=device, autocast_dtype=amp) if cfg.tokens else None
+    ppl = None
+    if cfg.tokens:
+        ppl = perplexity(model, tok, cfg.tokens, device=device, max_tokens=cfg.perplexity_tokens, autocast_dtype=amp)
     n_params = count_all_params(model)
     extra = {"gpu_mem_mb": gpu_mem, "perplexity": ppl["perplexity"] if ppl else None}
     extra["perplexity_tokens"] = ppl["tokens"] if ppl else None

@@ -327,7 +327,7 @@ class Sweep:
                   "out": str(self.out / m.name / "eval"), "limit": c.eval_limit, "batch_size": c.eval_batch_size,
                   "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device, "context": c.eval_context,
                   "max_new_tokens": c.eval_max_new_tokens, "precision": c.precision, "threads": c.threads,
-                  "tokens": str(self.ppl)}  # fmt: skip
+                  "tokens": str(self.ppl), "perplexity_tokens": c.perplexity_tokens}  # fmt: skip
             plan.append(Step(f"{m.name}: evaluate", self.out / m.name / "eval" / "metrics.json",
                              lambda ev=ev: run_evaluate(build_config(EvaluateConfig, ev))))  # fmt: skip
         return plan
