@@ -99,13 +99,15 @@ class SpeculativeEngine(Engine):
         self.stats.teacher_passes += 1
         nxt = int(torch.argmax(restrict(logits[0], first_allowed) if first_allowed else logits[0]))
         t_len, d_len, k, made = len(seq), d_reuse, self.fixed_k or 4, 0
+        pending = [nxt]  # tokens the teacher has settled on: the accepted draft, then its own next one
         while True:
-            if nxt in stop_ids or made >= max_new_tokens:
-                return
-            yield nxt
-            seq.append(nxt)
-            made += 1
-            self.stats.tokens += 1
+            for token in pending:
+                if token in stop_ids or made >= max_new_tokens:
+                    return
+                yield token
+                seq.append(token)
+                made += 1
+                self.stats.tokens += 1
             if made >= max_new_tokens:
                 return
             room = min(k, max_new_tokens - made, self.context - len(seq) - 1)
@@ -113,7 +115,7 @@ class SpeculativeEngine(Engine):
                 logits, t_past = t._forward(t_slot, t_past, seq[t_len:])
                 t_len = len(seq)
                 self.stats.teacher_passes += 1
-                nxt = pick_next(logits[0], 0.0, 1.0, None)
+                pending = [pick_next(logits[0], 0.0, 1.0, None)]
                 continue
             proposal: list[int] = []
             for _ in range(room):  # the draft writes greedily from what it has not read yet
@@ -137,14 +139,7 @@ class SpeculativeEngine(Engine):
             t._crop(t_slot, t_past, t_len)
             d_len = min(d_len, t_len)
             d._crop(d_slot, d_past, d_len)
-            for token in proposal[:n]:
-                if token in stop_ids or made >= max_new_tokens:
-                    return
-                yield token
-                seq.append(token)
-                made += 1
-                self.stats.tokens += 1
-            nxt = own[n]
+            pending = proposal[:n] + [own[n]]
             if not self.fixed_k:
                 k = min(k + 2, MAX_DRAFT) if n == len(proposal) else max(1, n + 1)
 
