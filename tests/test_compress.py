@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,20 @@ from distil_codegpt.compress.quantize import (
     save_int8,
 )
 from distil_codegpt.compress.run import run_compress
-from distil_codegpt.config import CompressConfig, ConfigError, TrainConfig, UserError, build_config
+from distil_codegpt.config import (
+    CompleteConfig,
+    CompressConfig,
+    ConfigError,
+    ServeConfig,
+    TrainConfig,
+    UserError,
+    build_config,
+)
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_train
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, preset_config
-from distil_codegpt.serve.engine import load_engine
+from distil_codegpt.serve.engine import TorchEngine, load_engine
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2", "tiny-neox"]
 LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 2, "eval_every": 0, "warmup_steps": 2, "tensorboard": False}
@@ -119,6 +128,35 @@ def test_int8_artifact_loads_generates_and_is_smaller(trained: Path, tmp_path: P
     assert json.loads((out / "run.json").read_text())["metrics"]["library"].startswith("torch.ao")
     with pytest.raises(UserError, match="--device cpu"):
         QuantizedTorchEngine.load(out, "cuda")
+
+
+@torch.no_grad()
+def test_quantize_auto_runs_a_student_as_its_int8_artifact_and_other_models_as_they_are(
+    trained: Path, tmp_path: Path
+) -> None:
+    compress(tmp_path, trained, quantize="int8")
+    artifact = load_engine(tmp_path / "out")
+    student = tmp_path / "student"
+    shutil.copytree(trained, student)
+    info = json.loads((student / "run.json").read_text())
+    (student / "run.json").write_text(json.dumps({**info, "stage": "distil"}))
+    auto = load_engine(student, cache_slots=2, quantize="auto")
+    assert type(auto) is QuantizedTorchEngine and auto.cache_slots == 2 and is_int8_linear(auto.model.lm_head)
+    x = ids(32, auto.model.config.vocab_size)
+    assert torch.equal(auto.model(x).logits, artifact.model(x).logits)  # in memory == `compress --quantize int8`
+    prompt = auto.tokenizer("<s> import os <EOL> def").input_ids
+    assert auto.generate(prompt, 8, set()) == artifact.generate(prompt, 8, set())
+    assert type(load_engine(student, quantize="none")) is TorchEngine
+    assert type(load_engine(trained, quantize="auto")) is TorchEngine  # a trained teacher (stage "train") stays fp32
+    assert type(load_engine(trained, quantize="int8")) is QuantizedTorchEngine
+    assert type(load_engine(tmp_path / "out", quantize="auto")) is QuantizedTorchEngine  # an artifact as it is
+    with pytest.raises(UserError, match="int8 runs on CPU only"):
+        load_engine(student, "cuda", quantize="int8")
+    assert (
+        build_config(ServeConfig, {"model": "m"}).quantize
+        == "auto"
+        == build_config(CompleteConfig, {"model": "m"}).quantize
+    )
 
 
 def test_compress_refuses_a_non_empty_out(trained: Path, tmp_path: Path) -> None:

@@ -597,6 +597,12 @@ class ExportConfig:
         _require(self.out, "out", "pass --out DIR")
 
 
+QUANTIZE_HELP = (
+    "a plain fp32 model directory: int8 = quantize it to PyTorch int8 as it loads (CPU), auto = do so for a student"
+    " made here (student/distil/compress) on CPU, the fastest student engine at the same ES; none = run it as it is"
+)
+
+
 @dataclass
 class CompleteConfig:
     """Complete the current line of real Python code (FILE[:LINE[:COL]], or code on stdin)."""
@@ -614,6 +620,7 @@ class CompleteConfig:
         " the output stays the model's own",
     )
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
+    quantize: Literal["auto", "int8", "none"] = opt("auto", QUANTIZE_HELP)
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
@@ -660,6 +667,7 @@ class ServeConfig:
         " the output stays the model's own",
     )
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
+    quantize: Literal["auto", "int8", "none"] = opt("auto", QUANTIZE_HELP)
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")

@@ -223,6 +223,13 @@ class QuantizedTorchEngine(TorchEngine):
         check_vocab(model.config.vocab_size, tok, path)
         return cls(model, tok, Path(path), "cpu")
 
+    @classmethod
+    def from_fp32(cls, path: str | Path) -> QuantizedTorchEngine:
+        """An fp32 model directory quantized as it loads: the model `compress --quantize int8` would write, in
+        memory (pruned heads cut and a trimmed head rebuilt first, as `TorchEngine.load` does)."""
+        fp32 = TorchEngine.load(path, "cpu")
+        return cls(quantize_int8(fp32.model), fp32.tokenizer, Path(path), "cpu")
+
 
 def load_for_evaluation(path: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer) for any model or `compress` artifact, as a module HF `generate` can drive.

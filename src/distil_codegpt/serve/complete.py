@@ -425,7 +425,8 @@ def run_complete(cfg: Any) -> Completion:
     code = read_cursor(cfg.file)
     from distil_codegpt.serve.speculative import with_draft
 
-    completer = Completer(with_draft(load_engine(cfg.model, cfg.device), cfg.draft, cfg.device, cfg.draft_tokens))
+    engine = load_engine(cfg.model, cfg.device, quantize=cfg.quantize)
+    completer = Completer(with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, quantize=cfg.quantize))
     result = completer.complete(code, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     print(result.text)
     for note in result.notes:

@@ -2,7 +2,9 @@
 
 An engine turns prompt ids into new ids, streamed one at a time so a server can send them as they come.
 `load_engine(path)` reads `engine.json` in an artifact directory to know which engine built it; a plain
-Hugging Face model directory (no engine.json) is the PyTorch fp32 engine.
+Hugging Face model directory (no engine.json) is the PyTorch fp32 engine, except that `quantize="auto"` (what
+`serve` and `complete` default to) runs a student this toolkit made (`student`, `distil` or `compress` in its
+run.json) as PyTorch int8 on CPU: at SmolLM2 width the fastest student engine at the same ES (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from distil_codegpt.config import UserError
 from distil_codegpt.model import families
 
 ENGINE_FILE = "engine.json"
+QUANTIZE = ("auto", "int8", "none")  # what load_engine does to a plain fp32 model directory
+STUDENT_STAGES = ("student", "distil", "compress")  # run.json stages that made a student
 PREFILL_CHUNK = 256  # prompt tokens read per forward pass: how soon a cancelled request stops reading
 # engine name -> "module:Class" with a `load(path, device)` classmethod; imported only when used
 ENGINES = {
@@ -259,15 +263,41 @@ def engine_kind(path: str | Path) -> str:
     return kind
 
 
-def load_engine(path: str | Path, device: str = "cpu", cache_slots: int = 0) -> Engine:
+def is_student(path: str | Path) -> bool:
+    """Whether a model directory is a student this toolkit made: its run.json names a `STUDENT_STAGES` stage."""
+    info = Path(path) / "run.json"
+    if not info.is_file():
+        return False
+    stage = read_json(info, fix="rerun the stage that wrote it, or delete the file").get("stage")
+    return stage in STUDENT_STAGES
+
+
+def int8_in_memory(path: str | Path, device: str, quantize: str) -> bool:
+    """Whether `load_engine` quantizes the fp32 model at `path` to int8 as it loads it (`QUANTIZE`)."""
+    if quantize not in QUANTIZE:
+        raise UserError(f"quantize: {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    if quantize == "int8" and torch.device(device).type != "cpu":
+        raise UserError(f"quantize: int8 runs on CPU only, not on {device!r}; pass --quantize none or --device cpu")
+    auto = quantize == "auto" and torch.device(device).type == "cpu" and is_student(path)
+    return engine_kind(path) == "torch" and (quantize == "int8" or auto)
+
+
+def load_engine(path: str | Path, device: str = "cpu", cache_slots: int = 0, quantize: str = "none") -> Engine:
     """The engine for a model directory or an exported/compressed artifact; PyTorch engines keep the KV cache of
-    `cache_slots` prompts (the others read every prompt in full)."""
-    module, cls = ENGINES[engine_kind(path)].split(":")
-    try:
-        engine_cls = getattr(importlib.import_module(module), cls)
-    except ImportError as e:
-        raise UserError(f"model: {path} needs {e.name}, which is not installed; pip install {e.name}") from e
-    engine = engine_cls.load(path, device)
+    `cache_slots` prompts (the others read every prompt in full). `quantize` (`QUANTIZE`) applies to a plain fp32
+    model directory only: "int8" quantizes it as it loads, "auto" does so for a student on CPU, "none" never."""
+    kind = engine_kind(path)
+    if int8_in_memory(path, device, quantize):
+        from distil_codegpt.compress.quantize import QuantizedTorchEngine
+
+        engine: Engine = QuantizedTorchEngine.from_fp32(path)
+    else:
+        module, cls = ENGINES[kind].split(":")
+        try:
+            engine_cls = getattr(importlib.import_module(module), cls)
+        except ImportError as e:
+            raise UserError(f"model: {path} needs {e.name}, which is not installed; pip install {e.name}") from e
+        engine = engine_cls.load(path, device)
     if isinstance(engine, TorchEngine):
         engine.cache_slots = cache_slots
     return engine

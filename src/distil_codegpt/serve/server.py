@@ -293,8 +293,9 @@ def run_server(cfg: ServeConfig) -> None:
     from distil_codegpt.serve.engine import load_engine
     from distil_codegpt.serve.speculative import with_draft
 
-    engine = load_engine(cfg.model, cfg.device, cfg.cache_slots)
-    completer = Completer(with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, cfg.cache_slots), fim=cfg.fim)
+    engine = load_engine(cfg.model, cfg.device, cfg.cache_slots, cfg.quantize)
+    engine = with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, cfg.cache_slots, cfg.quantize)
+    completer = Completer(engine, fim=cfg.fim)
     app = create_app(completer, cfg)
     if not is_loopback(cfg.host):
         print(
@@ -305,8 +306,8 @@ def run_server(cfg: ServeConfig) -> None:
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{host}:{cfg.port}"
     print(
-        f"serve: {cfg.model} ({completer.mode} mode) at {base}/v1/completions (OpenAI), {base}/infill and "
-        f"{base}/completion (llama.cpp), {base}/api/generate (Ollama)",
+        f"serve: {cfg.model} ({engine.name} engine, {completer.mode} mode) at {base}/v1/completions (OpenAI), "
+        f"{base}/infill and {base}/completion (llama.cpp), {base}/api/generate (Ollama)",
         file=sys.stderr,
     )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -144,10 +144,13 @@ class SpeculativeEngine(Engine):
                 k = min(k + 2, MAX_DRAFT) if n == len(proposal) else max(1, n + 1)
 
 
-def with_draft(engine: Engine, draft: str, device: str = "cpu", draft_tokens: int = 0, cache_slots: int = 0) -> Engine:
-    """`engine` drafted for by the student at `draft` (a path), or `engine` itself when `draft` is empty."""
+def with_draft(
+    engine: Engine, draft: str, device: str = "cpu", draft_tokens: int = 0, cache_slots: int = 0, quantize: str = "none"
+) -> Engine:
+    """`engine` drafted for by the student at `draft` (a path, loaded with `quantize` as `load_engine` does), or
+    `engine` itself when `draft` is empty."""
     if not draft:
         return engine
     from distil_codegpt.serve.engine import load_engine
 
-    return SpeculativeEngine(engine, load_engine(draft, device, cache_slots), draft_tokens)
+    return SpeculativeEngine(engine, load_engine(draft, device, cache_slots, quantize), draft_tokens)
