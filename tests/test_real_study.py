@@ -190,13 +190,13 @@ def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: py
     models = real.models()
     names = [m.name for m in models]
     variants = "in-training pick-influence pick-angular high-temperature reverse-kl cosine online longer".split()
-    assert names == ["teacher", "students/kd-6", "students/kd-10-at-28672", "students/kd-10-at-57344",
+    assert names == ["teacher", "students/kd-6", "students/kd-10-at-14336", "students/kd-10-at-28672",
                      "students/kd-10", "students/kd-15", "students/kd-20",
                      *[f"students/10-{v}" for v in [*variants, "random-init", "ce-only"]],
                      "students/kd-10-seed43", "students/10-in-training-seed43"]  # fmt: skip
     tokens = {m.name: m.tokens for m in models if m.tokens}
-    assert tokens["students/kd-6"] == tokens["students/10-ce-only"] == 114_688
-    assert tokens["students/10-longer"] == 229_376 and tokens["students/kd-10-at-28672"] == 28_672
+    assert tokens["students/kd-6"] == tokens["students/10-ce-only"] == 57_344
+    assert tokens["students/10-longer"] == 114_688 and tokens["students/kd-10-at-14336"] == 14_336
     for m in models:  # every KD run's settings are a valid distil config
         if m.distil:
             assert build_config(DistilConfig, m.distil).max_steps == m.tokens // 1024
@@ -207,16 +207,67 @@ def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: py
         build_config(SweepConfig, {"out": str(tmp_path / "demo")}, yaml_path=ROOT / "configs" / "demo-real.yaml")
     )
     (teacher, student) = demo.models()
-    assert (teacher.name, student.name, student.tokens) == ("teacher", "students/kd-15", 160_000)
+    assert (teacher.name, student.name, student.tokens) == ("teacher", "students/kd-15", 65_536)
     d = build_config(DistilConfig, student.distil)
     assert (d.temperature, d.alpha_ce, d.alpha_clm, d.alpha_cos, d.divergence) == (1.0, 1.0, 0.0, 0.0, "forward")
     assert (d.lr, d.batch_size, d.seq_len, d.max_steps, d.teacher_mode, d.teacher_cache) == (
         3e-4,
         4,
         256,
-        157,
+        64,
         "frozen",
         "",
+    )
+
+
+def test_search_picks_lr_then_batch_then_window_and_the_study_uses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SLICE[:4]:
+        shutil.copy(STDLIB / name, src / name)
+    monkeypatch.setenv("DISTIL_CODEGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf, "fetch_teacher", fake_fetch([], layers=4))
+    search = {"search_lr": [1e-4, 3e-2], "search_batch": [2], "search_seq_len": [16], "search_tokens": 256,
+              "search_dev_tokens": 200}  # fmt: skip
+    values = {**STUDY, "students": [2], "variants": [], "curve": [], "seeds": [], "teacher_cache": False, **search}
+    cfg = build_config(SweepConfig, {**values, "out": str(tmp_path / "out"), "src": [str(src)]})
+    run_sweep(cfg)
+    out = tmp_path / "out"
+    info = json.loads((out / "search" / "search.json").read_text())
+    trials = {t["name"]: t for t in info["trials"]}
+    lrs = ["lr0.0001-b4-s32", "lr0.03-b4-s32", "lr0.003-b4-s32"]  # the config's batch and window; its lr last
+    assert list(trials)[:3] == lrs
+    best = min(lrs, key=lambda n: trials[n]["dev_loss"])
+    lr = trials[best]["lr"]
+    assert list(trials)[3] == f"lr{lr:g}-b2-s32"
+    best = min([f"lr{lr:g}-b2-s32", best], key=lambda n: trials[n]["dev_loss"])
+    assert list(trials)[4:] == [f"lr{lr:g}-b{trials[best]['batch_size']}-s16"]
+    win = min([list(trials)[4], best], key=lambda n: trials[n]["dev_loss"])
+    assert info["chosen"]["name"] == win
+    assert trials["lr0.0001-b4-s32"]["dev_loss"] != trials["lr0.03-b4-s32"]["dev_loss"]
+    for name, t in trials.items():  # every trial saw the same KD tokens (whole steps), scored on the same windows
+        assert t["kd_tokens"] == t["steps"] * t["batch_size"] * t["seq_len"] >= 256
+        assert t["dev_tokens"] == 200 - 200 // 32 - 1  # 6 windows of 32 and one of 8, each predicting all but one
+        assert (
+            not list((out / "search" / name).glob("*.safetensors"))
+            and not (out / "search" / name / "checkpoints").exists()
+        )
+    main = _config(out, "students/kd-2")
+    chosen = info["chosen"]
+    assert (main["lr"], main["batch_size"], main["seq_len"]) == (chosen["lr"], chosen["batch_size"], chosen["seq_len"])
+    assert main["max_steps"] == -(-512 // (chosen["batch_size"] * chosen["seq_len"]))
+    assert json.loads((out / "sweep.json").read_text())["search"]["chosen"]["name"] == win
+    md = (out / "results.md").read_text()
+    assert "## Learning rate, batch and window: the search" in md and f"| {win} |" in md and "| chosen |" in md
+    timings = json.loads((out / "timings.json").read_text())
+    assert f"search {win}: distil" in timings and f"search {win}: score" in timings
+    capsys.readouterr()
+    again = run_sweep(cfg)  # resumed: every trial and step is found done
+    assert (
+        again["skipped"] == again["steps"]
+        and "[search 2/3] search lr0.0001-b4-s32: distil: done already" in capsys.readouterr().out
     )
 
 

@@ -491,6 +491,12 @@ class SweepConfig:
     teacher_cache: bool = opt(False, "frozen-teacher students distil from one teacher cache (no cosine term there)")
     cache_top_k: int = opt(64, "teacher log-probs kept per token in the teacher cache")
     cache_windows: int = opt(0, "the cache holds the first N windows of the train split (0 = all of it)")
+    # The short measured search of the students' learning rate, batch and window (experiment/search.py)
+    search_lr: list[float] = opt([], "student learning rates tried first (empty with the two below: no search)")
+    search_batch: list[int] = opt([], "then batch sizes tried, at the best learning rate")
+    search_seq_len: list[int] = opt([], "then training windows tried, at the best learning rate and batch")
+    search_tokens: int = opt(32768, "KD tokens of each search trial (the online frozen teacher)")
+    search_dev_tokens: int = opt(16384, "dev-split tokens each trial is scored on (its next-token loss)")
     # Training loop
     seq_len: int = opt(128, "tokens per training window")
     batch_size: int = opt(16, "global batch (windows per step)")
@@ -537,6 +543,11 @@ class SweepConfig:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", self.eval_max_new_tokens, "use 1 or more")
         _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
+        for name in ("search_lr", "search_batch", "search_seq_len"):
+            for v in getattr(self, name):
+                _check(v > 0, name, v, "use values above 0")
+        for name in ("search_tokens", "search_dev_tokens"):
+            _check(getattr(self, name) >= 2, name, getattr(self, name), "use 2 or more")
         picks = ", ".join(NAMED_PICKS)
         _check(self.pick in NAMED_PICKS, "pick", self.pick, f"choose from {picks} (a layer list fits one depth only)")
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import ReportConfig, UserError
 from distil_codegpt.experiment.costs import cost_fields, cost_notes, cost_table, wall_times
+from distil_codegpt.experiment.search import search_table
 from distil_codegpt.runinfo import atomic_open, atomic_write_text
 
 FIGSIZE = (8.0, 5.5)  # inches; with DPI this fixes the PNG's pixel size (960 x 660), which the tests check
@@ -306,6 +307,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         _plot_curve(points, records.get(base_name or ""), n, study_plots[-1])
     costs = cost_table([records[r.name] for r in rows if r.name in records])
     times = wall_times(cfg.dir)
+    search = search_table(cfg.dir)
 
     table = markdown_table(rows, records)
     setup = [
@@ -343,6 +345,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         "",
         *[f"![{p.stem}](plots/{p.name})" for p in [*plots, *study_plots]],
         "",
+        *(["## Learning rate, batch and window: the search", "", *search, ""] if search else []),
         *(["## Wall time of each step", "", *times, ""] if times else []),
     ]
     md_path = out / "results.md"

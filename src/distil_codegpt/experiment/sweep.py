@@ -10,6 +10,9 @@ tokenizer: then no tokenizer is trained, the shards are built with the teacher's
 floor included, is the teacher's family and shape with fewer blocks. `teacher_steps` > 0 fine-tunes an existing
 teacher on the corpus first.
 
+With search_lr/search_batch/search_seq_len set, a short measured search (experiment/search.py) runs after the data
+and the teacher and before any student, and its winners become the students' learning rate, batch and window.
+
 A variant (config.VARIANTS) is data: the overrides it applies to the main students' recipe. The learning curve
 costs no extra training: the variant_layers student stops at each fraction of its budget (its schedule is that of
 the whole budget), its model files are copied aside and evaluated, and it resumes from its checkpoint.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -301,7 +304,7 @@ class Sweep:
 
     # ------------------------------------------------------------ running
 
-    def plan(self, models: list[Model]) -> list[Step]:
+    def plan(self, models: list[Model], evaluate: bool = True) -> list[Step]:
         from distil_codegpt.data.corpus import build_corpus
         from distil_codegpt.data.tokenizer import train_tokenizer
         from distil_codegpt.evaluate.run import run_evaluate
@@ -323,6 +326,8 @@ class Sweep:
             plan += [
                 Step(f"{m.name}: {st.name}", st.marker, st.run, st.done) for st in m.steps if st.marker not in planned
             ]
+            if not evaluate:
+                continue
             ev = {"model": str(self._model_dir(m)), "test": str(self.data / "line_completion" / "test.json"),
                   "out": str(self.out / m.name / "eval"), "limit": c.eval_limit, "batch_size": c.eval_batch_size,
                   "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device, "context": c.eval_context,
@@ -334,33 +339,59 @@ class Sweep:
 
     def run(self) -> dict[str, Any]:
         from distil_codegpt.experiment.report import build_report
+        from distil_codegpt.experiment.search import Search, searching
 
-        t0 = time.perf_counter()
-        c = self.cfg
+        self.t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        chosen = None
+        if searching(self.cfg):  # data and teacher first, then the trials; their winner sets the students' loop
+            self._execute(self.plan(self.models()[:1], evaluate=False), "prepare")
+            chosen = Search(self).run(self._execute)
+            windows = round(self.cfg.cache_windows * self.cfg.seq_len / chosen.seq_len)  # the same cached tokens
+            self.cfg = replace(
+                self.cfg,
+                student_lr=chosen.lr,
+                batch_size=chosen.batch_size,
+                seq_len=chosen.seq_len,
+                cache_windows=windows,
+            )
+            self.step_tokens = self.cfg.batch_size * self.cfg.seq_len
+            self.budget = self.cfg.student_tokens or self.cfg.student_steps * self.step_tokens
+        c = self.cfg
         models = self.models()
         entries = [_entry(m) for m in models]
         info = {"config": to_dict(c), "teacher": self.teacher_info, "budget_tokens": self.budget, "models": entries}
+        if chosen is not None:
+            info["search"] = {
+                "chosen": {**chosen.__dict__, "name": chosen.name},
+                "file": str(self.out / "search" / "search.json"),
+            }
         write_json(self.out / "sweep.json", info)
         plan = self.plan(models)
+        done = self._execute(plan)
+        summary = build_report(build_config(ReportConfig, {"dir": str(self.out)}))
+        seconds = time.perf_counter() - self.t0
+        write_manifest(self.out, "sweep", to_dict(c), {"steps": len(plan), "skipped": done}, seconds, c.seed)
+        return {**summary, "seconds": round(seconds, 1), "skipped": done, "steps": len(plan)}
+
+    def _execute(self, steps: list[Step], tag: str = "") -> int:
+        """Run the steps not done yet, each one's wall time into timings.json; returns how many were done already."""
         timings_path = self.out / "timings.json"
         timings = read_done(timings_path)
-        done = 0
-        for i, step in enumerate(plan, 1):
+        done, where = 0, f"{tag} " if tag else ""
+        for i, step in enumerate(steps, 1):
             if step.is_done():
-                print(f"[{i}/{len(plan)}] {step.name}: done already, skipped", flush=True)
+                print(f"[{where}{i}/{len(steps)}] {step.name}: done already, skipped", flush=True)
                 done += 1
                 continue
-            print(f"[{i}/{len(plan)}] {step.name}  (sweep time so far {_mmss(time.perf_counter() - t0)})", flush=True)
+            so_far = _mmss(time.perf_counter() - self.t0)
+            print(f"[{where}{i}/{len(steps)}] {step.name}  (sweep time so far {so_far})", flush=True)
             start = time.perf_counter()
             step.run()
             timings[step.name] = round(time.perf_counter() - start, 1)
             write_json(timings_path, timings)
             print(f"    {step.name}: done in {_mmss(timings[step.name])}", flush=True)
-        summary = build_report(build_config(ReportConfig, {"dir": str(self.out)}))
-        seconds = time.perf_counter() - t0
-        write_manifest(self.out, "sweep", to_dict(c), {"steps": len(plan), "skipped": done}, seconds, c.seed)
-        return {**summary, "seconds": round(seconds, 1), "skipped": done, "steps": len(plan)}
+        return done
 
     def _model_dir(self, m: Model) -> Path:
         return self.teacher if m.name == "teacher" else self.out / m.name
