@@ -631,7 +631,10 @@ class CompleteConfig:
         " the output stays the model's own",
     )
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
-    quantize: Literal["auto", "int8", "none"] = opt("auto", QUANTIZE_HELP)
+    quantize: Literal["auto", "int8", "none"] = opt(
+        "none",
+        QUANTIZE_HELP + " (default none here: quantizing at load costs more than it saves on one completion)",
+    )
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
