@@ -211,7 +211,7 @@ def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: py
     d = build_config(DistilConfig, student.distil)
     assert (d.temperature, d.alpha_ce, d.alpha_clm, d.alpha_cos, d.divergence) == (1.0, 1.0, 0.0, 0.0, "forward")
     assert (d.lr, d.batch_size, d.seq_len, d.max_steps, d.teacher_mode, d.teacher_cache) == (
-        3e-4,
+        1e-3,
         4,
         256,
         64,
