@@ -17,7 +17,7 @@ search.json holds every trial and the choice, and the report shows them.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,9 @@ class Trial:
     @property
     def name(self) -> str:
         return f"lr{self.lr:g}-b{self.batch_size}-s{self.seq_len}"
+
+    def record(self) -> dict[str, Any]:
+        return {"lr": self.lr, "batch_size": self.batch_size, "seq_len": self.seq_len, "name": self.name}
 
 
 def searching(cfg: Any) -> bool:
@@ -86,7 +89,7 @@ class Search:
             max_tokens=self.cfg.search_dev_tokens,
         )
         metrics = run.get("metrics") or {}
-        result = {**t.__dict__, "name": t.name, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"]}
+        result = {**t.record(), "dev_loss": dev["loss"], "dev_tokens": dev["tokens"]}
         result |= {"kd_tokens": metrics.get("tokens"), "steps": metrics.get("steps"), "seconds": run.get("seconds")}
         write_json(out / SCORE_FILE, result)
         for p in out.iterdir():
@@ -107,9 +110,7 @@ class Search:
             if not values:
                 continue
             incumbent = getattr(best, field)  # the value so far stays a candidate
-            stage = [
-                Trial(**{**best.__dict__, field: v}) for v in [*values, *([] if incumbent in values else [incumbent])]
-            ]
+            stage = [replace(best, **{field: v}) for v in [*values, *([] if incumbent in values else [incumbent])]]
             for t in stage:
                 if t not in tried:
                     execute(self.trial_steps(t), "search")
@@ -129,7 +130,7 @@ class Search:
                 "dev_tokens": c.search_dev_tokens,
                 "dev_window": c.seq_len,
                 "trials": [self._scored(t) for t in tried],
-                "chosen": {**best.__dict__, "name": best.name},
+                "chosen": best.record(),
             },
         )
 

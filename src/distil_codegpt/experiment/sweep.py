@@ -100,9 +100,14 @@ class Sweep:
         deepest = max([*cfg.students, cfg.variant_layers if cfg.variants else 0])
         if deepest > self.teacher_depth:
             raise ConfigError(f"students: {deepest} layers exceed the teacher's {self.teacher_depth}; use fewer")
+        self._set_loop(cfg)
+        self.ppl = self.data / "perplexity" / "test.txt" if cfg.perplexity_files else self.data / "test.txt"
+
+    def _set_loop(self, cfg: SweepConfig) -> None:
+        """The config the students are planned from, with the tokens of one step and of one student's budget."""
+        self.cfg = cfg
         self.step_tokens = cfg.batch_size * cfg.seq_len
         self.budget = cfg.student_tokens or cfg.student_steps * self.step_tokens  # tokens per student
-        self.ppl = self.data / "perplexity" / "test.txt" if cfg.perplexity_files else self.data / "test.txt"
 
     def _existing_teacher(self) -> tuple[str, str, int]:
         """(where it loads from, family, depth) of an existing teacher, checked against the corpus format first."""
@@ -348,22 +353,15 @@ class Sweep:
             self._execute(self.plan(self.models()[:1], evaluate=False), "prepare")
             chosen = Search(self).run(self._execute)
             windows = round(self.cfg.cache_windows * self.cfg.seq_len / chosen.seq_len)  # the same cached tokens
-            self.cfg = replace(
-                self.cfg,
-                student_lr=chosen.lr,
-                batch_size=chosen.batch_size,
-                seq_len=chosen.seq_len,
-                cache_windows=windows,
-            )
-            self.step_tokens = self.cfg.batch_size * self.cfg.seq_len
-            self.budget = self.cfg.student_tokens or self.cfg.student_steps * self.step_tokens
+            lr, batch, seq = chosen.lr, chosen.batch_size, chosen.seq_len
+            self._set_loop(replace(self.cfg, student_lr=lr, batch_size=batch, seq_len=seq, cache_windows=windows))
         c = self.cfg
         models = self.models()
         entries = [_entry(m) for m in models]
         info = {"config": to_dict(c), "teacher": self.teacher_info, "budget_tokens": self.budget, "models": entries}
         if chosen is not None:
             info["search"] = {
-                "chosen": {**chosen.__dict__, "name": chosen.name},
+                "chosen": chosen.record(),
                 "file": str(self.out / "search" / "search.json"),
             }
         write_json(self.out / "sweep.json", info)
