@@ -434,8 +434,14 @@ def test_recipe_auto_depends_on_where_the_teacher_comes_from(tmp_path: Path) -> 
     here, real = cfg.resolve(False), cfg.resolve(True)
     assert (here.recipe, here.temperature, here.alpha_ce, here.alpha_clm, here.alpha_cos) == ("distilbert", 2, 5, 2, 1)
     assert (real.recipe, real.temperature, real.alpha_ce, real.alpha_clm, real.alpha_cos) == ("logit", 1, 1, 0, 0)
-    explicit = build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "temperature": 3})
+    assert (cfg.lr, here.lr, real.lr) == (-1, 5e-4, 1e-3)  # the logit recipe's lr: the real study's search
+    explicit = build_config(
+        DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "temperature": 3, "lr": 2e-4}
+    )
     assert explicit.resolve(True).temperature == 3 and explicit.resolve(True).alpha_clm == 0
+    assert explicit.resolve(True).lr == explicit.resolve(False).lr == 2e-4
+    with pytest.raises(ConfigError, match="lr: 0.0 is not allowed; use a positive learning rate"):
+        build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "lr": 0})
     with pytest.raises(ConfigError, match="at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"):
         build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher": "t", "alpha_ce": 0}).resolve(
             True
@@ -453,8 +459,9 @@ def test_distil_records_the_resolved_recipe(tiny_data: dict, teacher_and_student
         recorded["alpha_ce"],
         recorded["alpha_clm"],
         recorded["alpha_cos"],
+        recorded["lr"],
     )
-    assert got == ("distilbert", 2.0, 5.0, 2.0, 1.0)
+    assert got == ("distilbert", 2.0, 5.0, 2.0, 1.0, 5e-4)
 
 
 @pytest.mark.parametrize("loss_chunk", [0, -1])

@@ -214,7 +214,8 @@ class LoopConfig:
         for name in zero_ok:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.loss_chunk >= -1, "loss_chunk", self.loss_chunk, "use -1 (auto), 0 (plain loss) or a token count")
-        _check(self.lr > 0, "lr", self.lr, "use a positive learning rate")
+        recipe_lr = isinstance(self, DistilConfig) and self.lr == -1  # filled in by DistilConfig.resolve
+        _check(self.lr > 0 or recipe_lr, "lr", self.lr, "use a positive learning rate")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1]")
         _check(self.max_minutes >= 0, "max_minutes", self.max_minutes, "use 0 (no limit) or more")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "use 0 (off) or more")
@@ -233,9 +234,10 @@ class TrainConfig(LoopConfig):
 
 ALL_ZERO = "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"
 # Defaults of the KD loss per recipe (DistilConfig.recipe, DistilConfig.resolve).
+# The logit recipe's lr is the best of the real study's measured search (docs/RESULTS.md).
 RECIPES: dict[str, dict[str, float]] = {
-    "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0},
-    "logit": {"temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0},
+    "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0, "lr": 5e-4},
+    "logit": {"temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0, "lr": 1e-3},
 }
 
 
@@ -247,6 +249,7 @@ class DistilConfig(LoopConfig):
     student: str = opt("", "initial student: HF dir (from `distil-codegpt student`)", required=True)
     teacher_cache: str = opt("", "teacher cache dir (`distil-codegpt cache-teacher`): KD with no teacher in memory")
     teacher_mode: Literal["frozen", "train"] = opt("frozen", "frozen = pre-training KD; train = in-training KD")
+    lr: float = opt(-1.0, "peak learning rate (AdamW) (-1 = the recipe's: 5e-4 distilbert, 1e-3 logit)")
     temperature: float = opt(-1.0, "softmax temperature T of the KD loss (-1 = the recipe's, see --recipe)")
     divergence: Literal["forward", "reverse", "jsd"] = opt(
         "forward", "KD divergence: forward KL(teacher||student), reverse KL(student||teacher), jsd (beta 0.5, as TRL)"
@@ -258,9 +261,9 @@ class DistilConfig(LoopConfig):
     )
     recipe: Literal["auto", "distilbert", "logit"] = opt(
         "auto",
-        "defaults of the loss weights left at -1: distilbert = T 2, ce 5, clm 2, cos 1 (DistilBERT/DistilGPT2); "
-        "logit = T 1, ce 1, clm 0, cos 0 (logit-only forward KL, as Minitron); auto = distilbert for a teacher "
-        "trained by this toolkit, logit for a pretrained one (measured: docs/REAL_TEACHER.md)",
+        "defaults of the fields left at -1: distilbert = T 2, ce 5, clm 2, cos 1, lr 5e-4 (DistilBERT/DistilGPT2); "
+        "logit = T 1, ce 1, clm 0, cos 0, lr 1e-3 (logit-only forward KL, as Minitron); auto = distilbert for a "
+        "teacher trained by this toolkit, logit for a pretrained one (measured: docs/REAL_TEACHER.md, docs/RESULTS.md)",
     )
     alpha_mse: float = opt(0.0, "weight of the MSE between logits")
     cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
