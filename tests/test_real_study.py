@@ -18,7 +18,9 @@ from test_real_tokenizer import smollm_like_tokenizer
 from transformers import AutoModelForCausalLM
 
 from distil_codegpt.config import ConfigError, DistilConfig, SweepConfig, build_config
+from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_distil
+from distil_codegpt.evaluate.completion import encode_inputs
 from distil_codegpt.experiment.sweep import Sweep, run_sweep
 from distil_codegpt.model import gguf
 from distil_codegpt.model.presets import preset_config
@@ -162,7 +164,14 @@ def test_cost_columns_and_wall_times(study) -> None:
     assert float(rows["teacher"]["compute_share_pct"]) == 100.0 and float(rows["teacher"]["latency_speedup"]) == 1.0
     shares = [float(rows[n]["compute_share_pct"]) for n in ("students/kd-1", "students/kd-2")]
     assert 0 < shares[0] < shares[1] < 100
-    assert rows["teacher"]["latency_warm_ms_p50"] == ""  # not measured by evaluate
+    # warm: the prompt but its last token in the KV cache; its cached share is what the prompt's ids say
+    ev = json.loads((out / "teacher" / "eval" / "run.json").read_text())["config"]
+    first = json.loads((out / "data" / "line_completion" / "test.json").read_text().splitlines()[0])["input"]
+    tok = load_tokenizer(out.parent / "cache" / "teachers" / "smollm2-fp32")
+    n = len(encode_inputs(tok, [first], ev["context"] - ev["max_new_tokens"])[0])
+    metrics = json.loads((out / "teacher" / "eval" / "metrics.json").read_text())
+    assert metrics["warm_cached"] == pytest.approx((n - 1) / n) and float(rows["teacher"]["latency_warm_ms_p50"]) > 0
+    assert metrics["warm_latency_ms_p50"] == float(rows["teacher"]["latency_warm_ms_p50"])
     md = (out / "results.md").read_text()
     assert "## Against the teacher" in md and "| Compute share |" in md and "Warm p50" in md
     timings = json.loads((out / "timings.json").read_text())
@@ -181,6 +190,21 @@ def test_rerun_resumes_a_cut_short_distil_and_skips_the_rest(study, capsys: pyte
     capsys.readouterr()
     again = run_sweep(cfg)
     assert again["skipped"] == again["steps"] and "done already, skipped" in capsys.readouterr().out
+
+
+def test_rerun_adds_warm_latency_to_an_older_evaluation(study, capsys: pytest.CaptureFixture) -> None:
+    out, cfg, calls = study
+    path = out / "students/kd-2/eval/metrics.json"
+    before = json.loads(path.read_text())
+    older = {k: v for k, v in before.items() if not k.startswith("warm_")}
+    path.write_text(json.dumps(older))  # as `evaluate` wrote it before it measured warm latency
+    capsys.readouterr()
+    again = run_sweep(cfg)
+    assert again["skipped"] == again["steps"] - 1 and "students/kd-2: warm latency  (sweep" in capsys.readouterr().out
+    after = json.loads(path.read_text())
+    assert {k: after[k] for k in older} == older  # nothing else measured again
+    assert after["warm_cached"] == before["warm_cached"] and after["warm_latency_ms_p50"] > 0
+    assert json.loads(path.with_name("warm.json").read_text())["warm_latency_ms_p50"] == after["warm_latency_ms_p50"]
 
 
 def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

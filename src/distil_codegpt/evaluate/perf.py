@@ -64,6 +64,44 @@ def latency(
     return {"p50": float(p50), "p95": float(p95)}
 
 
+def warm_latency(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    inputs: list[str],
+    n: int,
+    max_new_tokens: int = 100,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float | None]:
+    """{"p50", "p95", "cached"}: milliseconds to complete one whole line at batch 1 when the prompt but its last
+    token is already in the KV cache, as the editor's previous keystroke left it (what `serve` answers with its
+    prefix cache); "cached" is the mean share of prompt tokens taken from the cache. Greedy, the same inputs,
+    truncation and stops as `latency`; None when n is 0.
+
+    Each timed prompt is preceded by an untimed read of the prompt less its last token (a keystroke can change
+    the last token, so it is read again with the new one), after one untimed warm-up run."""
+    from distil_codegpt.evaluate.completion import encode_inputs, engine_complete
+    from distil_codegpt.serve.engine import TorchEngine
+
+    sample = inputs[:n]
+    if not sample:
+        return {"p50": None, "p95": None, "cached": None}
+    engine = TorchEngine(model, tok, Path("."), str(device), cache_slots=1)
+    amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    times, cached = [], []
+    with amp:
+        engine_complete(engine, tok, sample[:1], max_new_tokens, progress=False)
+        for text in sample:
+            ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
+            list(engine.stream(ids[:-1], 0, set()))  # the previous keystroke's prompt, read into the cache
+            start = time.perf_counter()
+            engine_complete(engine, tok, [text], max_new_tokens, progress=False)
+            times.append((time.perf_counter() - start) * 1000)
+            cached.append(engine.cached_tokens / len(ids))
+    p50, p95 = np.percentile(times, [50, 95])
+    return {"p50": float(p50), "p95": float(p95), "cached": float(np.mean(cached))}
+
+
 def read_token_file(path: str | Path) -> tuple[list[str], str]:
     """(documents, format) of a split file: one document per line, normalised tokens or JSON strings (raw).
 

@@ -22,7 +22,7 @@ from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
-from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
+from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, warm_latency
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import looks_local, resolve_model
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
@@ -64,10 +64,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         amp = None  # int8 kernels take fp32 activations: auto means fp32 here, whatever the CPU
     if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
         raise ConfigError("device: an int8 artifact runs on the CPU in fp32; pass --device cpu --precision fp32")
-    model = load_for_evaluation(cfg.model)[0].to(device).eval()
-    if cfg.context:  # positions a model never trained on (beyond its training seq_len) only add noise
-        families.set_context(model, min(families.context(model), cfg.context))
-    check_vocab(model.config.vocab_size, tok, cfg.model)
+    model = _load_model(cfg, tok, device)
     torch.manual_seed(cfg.seed)
     inputs = [ex.input for ex in examples]
     stops = StopIds.of(tok)
@@ -82,13 +79,49 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     gpu_mem = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None
 
     lat = latency(model, tok, inputs, cfg.latency_samples, **kw)
+    warm = _warm(cfg, model, tok, inputs, device, amp)
     ppl = None
     if cfg.tokens:
         ppl = perplexity(model, tok, cfg.tokens, device=device, max_tokens=cfg.perplexity_tokens, autocast_dtype=amp)
     n_params = count_all_params(model)
-    extra = {"gpu_mem_mb": gpu_mem, "perplexity": ppl["perplexity"] if ppl else None}
+    extra = {"gpu_mem_mb": gpu_mem, **warm, "perplexity": ppl["perplexity"] if ppl else None}
     extra["perplexity_tokens"] = ppl["tokens"] if ppl else None
     return _finish(cfg, examples, preds, n_params, decode_s, lat, extra, str(device), amp, t0)
+
+
+def _load_model(cfg: EvaluateConfig, tok: PreTrainedTokenizerBase, device: torch.device) -> torch.nn.Module:
+    model = load_for_evaluation(cfg.model)[0].to(device).eval()
+    if cfg.context:  # positions a model never trained on (beyond its training seq_len) only add noise
+        families.set_context(model, min(families.context(model), cfg.context))
+    check_vocab(model.config.vocab_size, tok, cfg.model)
+    return model
+
+
+def _warm(cfg, model, tok, inputs, device, amp) -> dict[str, float | None]:  # noqa: ANN001
+    """metrics.json's warm-latency fields (`perf.warm_latency`; a PyTorch model decoded greedily: else None)."""
+    warm = {"p50": None, "p95": None, "cached": None}
+    if cfg.beam == 1 and model is not None:
+        warm = warm_latency(model, tok, inputs, cfg.latency_samples, cfg.max_new_tokens, device, amp)
+    return {"warm_latency_ms_p50": warm["p50"], "warm_latency_ms_p95": warm["p95"], "warm_cached": warm["cached"]}
+
+
+def add_warm_latency(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Measure only the warm latency of an evaluation done before `evaluate` measured it, and add it to OUT's
+    metrics.json (the same model, examples and settings as the rest of that file; OUT/warm.json records what was
+    added): a resumed sweep fills in the column instead of evaluating again."""
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    path = Path(cfg.out) / "metrics.json"
+    metrics = read_json(path, fix="evaluate the model again (distil-codegpt evaluate)")
+    device, amp = eval_runtime(cfg)
+    kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
+    amp = None if kind == "torch-int8" else amp  # as `run_evaluate`
+    tok = model_tokenizer(cfg.model)
+    inputs = [ex.input for ex in read_examples(cfg.test)[: cfg.latency_samples]]
+    model = _load_model(cfg, tok, device) if kind in ("torch", "torch-int8") and not cfg.draft else None
+    warm = _warm(cfg, model, tok, inputs, device, amp)
+    write_json(path, metrics | warm)
+    write_json(path.with_name("warm.json"), {**warm, "added_to": str(path), "latency_samples": len(inputs)})
+    return metrics | warm
 
 
 def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokenizerBase, t0: float) -> dict[str, Any]:
@@ -114,7 +147,8 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
     run = Path(cfg.model) / "run.json"
     meta = read_json(run, fix="export the model again with `distil-codegpt export`") if run.is_file() else {}
     n_params = meta.get("metrics", {}).get("params")
-    extra = {"gpu_mem_mb": None, "perplexity": None, "perplexity_tokens": None, "engine": engine.name}
+    extra = {"gpu_mem_mb": None, **_warm(cfg, None, tok, inputs, "cpu", None), "perplexity": None}
+    extra |= {"perplexity_tokens": None, "engine": engine.name}
     extra["batch_size"] = 1  # one example at a time
     if stats := getattr(engine, "stats", None):  # a draft: how much of it the teacher took
         extra["draft"] = {"model": cfg.draft, "acceptance": stats.acceptance, "tokens_per_pass": stats.tokens_per_pass}
@@ -172,6 +206,7 @@ def print_evaluation(metrics: dict[str, Any], out: str | Path) -> None:
         + (f"  ppl {metrics['perplexity']:.2f}" if metrics.get("perplexity") is not None else "")
         + f"  |  {metrics['samples_per_s']:.1f} samples/s (batch {metrics['batch_size']}, beam {metrics['beam']})"
         + f"  latency p50 {ms(metrics['latency_ms_p50'])} ms, p95 {ms(metrics['latency_ms_p95'])} ms"
+        + (f", warm p50 {ms(metrics['warm_latency_ms_p50'])} ms" if metrics.get("warm_latency_ms_p50") else "")
     )
     print(
         f"{metrics['params']:,} params, {metrics['size_mb']:.2f} MB fp32"

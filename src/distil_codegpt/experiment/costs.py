@@ -93,12 +93,13 @@ def cost_notes(records: list[dict[str, Any]], baseline: str) -> list[str]:
         f"Compute / token counts the multiply-adds of every weight matrix (blocks and LM head) once per token; "
         f"compute share is that over the baseline `{baseline}`'s. Cold p50 is the median batch-1 latency of a whole "
         "line completion from the full prompt (`evaluate`'s latency_ms_p50); the speedup is the baseline's cold p50 "
-        "over the model's."
+        "over the model's. Warm p50 is the same line when the prompt but its last token is already in the KV cache, "
+        "as the previous keystroke leaves it in `serve` (`evaluate`'s warm_latency_ms_p50)."
     ]
     if all(r["latency_warm_ms_p50"] is None for r in records):
         notes.append(
-            "Warm p50 (the prompt already in the KV cache, as an editor's next keystroke finds it) is not measured "
-            "by `evaluate`: shown as -."
+            "Warm p50 was not measured for these models (`evaluate` with --latency-samples 0, or beam search): shown "
+            "as -."
         )
     return notes
 

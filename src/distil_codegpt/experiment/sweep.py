@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import (
     VARIANTS,
     CacheTeacherConfig,
@@ -47,6 +48,7 @@ from distil_codegpt.config import (
 from distil_codegpt.experiment.stages import FETCH, fetched_teacher, first_files, read_done, snapshot, trained
 from distil_codegpt.runinfo import write_json, write_manifest
 
+EVAL_AGAIN = "delete its eval directory and run the sweep again: it evaluates the model again"
 MAIN = Variant("", "")  # the main students' recipe, unchanged
 
 
@@ -338,8 +340,14 @@ class Sweep:
                   "latency_samples": c.latency_samples, "beam": c.beam, "device": c.device, "context": c.eval_context,
                   "max_new_tokens": c.eval_max_new_tokens, "precision": c.precision, "threads": c.threads,
                   "tokens": str(self.ppl), "perplexity_tokens": c.perplexity_tokens}  # fmt: skip
-            plan.append(Step(f"{m.name}: evaluate", self.out / m.name / "eval" / "metrics.json",
+            metrics = self.out / m.name / "eval" / "metrics.json"
+            plan.append(Step(f"{m.name}: evaluate", metrics,
                              lambda ev=ev: run_evaluate(build_config(EvaluateConfig, ev))))  # fmt: skip
+            if c.latency_samples:  # an evaluation from before `evaluate` measured warm latency: that alone now
+                warm = partial(_add_warm_latency, ev)
+                plan.append(
+                    Step(f"{m.name}: warm latency", metrics.with_name("warm.json"), warm, partial(_has_warm, metrics))
+                )
         return plan
 
     def run(self) -> dict[str, Any]:
@@ -393,6 +401,18 @@ class Sweep:
 
     def _model_dir(self, m: Model) -> Path:
         return self.teacher if m.name == "teacher" else self.out / m.name
+
+
+def _add_warm_latency(values: dict[str, Any]) -> Any:
+    from distil_codegpt.evaluate.run import add_warm_latency
+
+    return add_warm_latency(build_config(EvaluateConfig, values))
+
+
+def _has_warm(metrics: Path) -> bool:
+    from distil_codegpt.experiment.costs import WARM_KEY
+
+    return metrics.is_file() and WARM_KEY in read_json(metrics, fix=EVAL_AGAIN)
 
 
 def _run_distil(values: dict[str, Any]) -> Any:
