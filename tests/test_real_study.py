@@ -46,6 +46,7 @@ STUDY = {
     "variant_layers": 2,
     "variants": VARIANTS,
     "high_temperature": 2.0,
+    "correction_lr": 3e-4,
     "curve": [0.5],
     "seeds": [43],
     "untrained": False,
@@ -116,6 +117,7 @@ def test_every_variant_applies_its_overrides(study) -> None:
     assert json.loads((out / "teacher-cache" / "cache.json").read_text())["n_windows"] == 16
     trains = _config(out, "students/2-in-training")
     assert (trains["teacher_mode"], trains["teacher_cache"], trains["teacher"]) == ("train", "", str(teacher))
+    assert (trains["teacher_lr"], trains["lr"]) == (3e-4, 3e-3)  # correction_lr, student_lr
     assert _config(out, "students/2-reverse-kl")["divergence"] == "reverse"
     assert _config(out, "students/2-reverse-kl")["teacher_cache"] == cache
     assert _config(out, "students/2-high-temperature")["temperature"] == 2.0

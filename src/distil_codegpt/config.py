@@ -468,6 +468,7 @@ class SweepConfig:
         0, "KD tokens per student, rounded up to whole steps of batch_size x seq_len (0 = student_steps steps)"
     )
     student_lr: float = opt(1e-3, "student peak learning rate")
+    correction_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = the students')")
     variant_layers: int = opt(8, "depth of the variant students")
     pick: str = opt(
         "uniform",
@@ -542,7 +543,7 @@ class SweepConfig:
         for name in ("student_steps", "seq_len", "batch_size", "variant_layers", "teacher_layers"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
         zero_ok = ("teacher_steps", "pretrain_steps", "eval_limit", "latency_samples", "warmup_steps", "student_tokens")
-        for name in (*zero_ok, "cache_windows", "eval_context", "perplexity_files"):
+        for name in (*zero_ok, "cache_windows", "eval_context", "perplexity_files", "correction_lr"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", self.eval_max_new_tokens, "use 1 or more")
         _check(self.longer_factor >= 1, "longer_factor", self.longer_factor, "use 1 or more")
