@@ -86,16 +86,16 @@ def warm_latency(
     sample = inputs[:n]
     if not sample:
         return {"p50": None, "p95": None, "cached": None}
-    engine = TorchEngine(model, tok, Path("."), str(device), cache_slots=1)
+    engine, stops = TorchEngine(model, tok, Path("."), str(device), cache_slots=1), StopIds.of(tok)
     amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     times, cached = [], []
     with amp:
-        engine_complete(engine, tok, sample[:1], max_new_tokens, progress=False)
+        engine_complete(engine, tok, sample[:1], max_new_tokens, progress=False, stops=stops)
         for text in sample:
             ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
             list(engine.stream(ids[:-1], 0, set()))  # the previous keystroke's prompt, read into the cache
             start = time.perf_counter()
-            engine_complete(engine, tok, [text], max_new_tokens, progress=False)
+            engine_complete(engine, tok, [text], max_new_tokens, progress=False, stops=stops)
             times.append((time.perf_counter() - start) * 1000)
             cached.append(engine.cached_tokens / len(ids))
     p50, p95 = np.percentile(times, [50, 95])

@@ -136,12 +136,13 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
         engine.context = min(engine.context, cfg.context)
     inputs = [ex.input for ex in examples]
     start = time.perf_counter()
-    preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens)
+    stops = StopIds.of(tok)
+    preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens, stops=stops)
     decode_s = time.perf_counter() - start
     times = []
     for text in inputs[: cfg.latency_samples]:
         t = time.perf_counter()
-        engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False)
+        engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False, stops=stops)
         times.append(1000 * (time.perf_counter() - t))
     lat = {"p50": _percentile(times, 50), "p95": _percentile(times, 95)} if times else {"p50": None, "p95": None}
     run = Path(cfg.model) / "run.json"
