@@ -22,7 +22,7 @@ from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_distil
 from distil_codegpt.evaluate.completion import encode_inputs
 from distil_codegpt.experiment.sweep import Sweep, run_sweep
-from distil_codegpt.model import gguf
+from distil_codegpt.model import families, gguf
 from distil_codegpt.model.presets import preset_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,3 +308,19 @@ def test_a_curve_point_past_the_run_is_refused(study) -> None:
     shutil.rmtree(out / "students" / "kd-2-at-256")
     with pytest.raises(ConfigError, match="curve: .*kd-2 has trained past 256 tokens"):
         run_sweep(cfg)
+
+
+def test_warm_latency_classifies_the_vocabulary_once(study, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distil_codegpt.evaluate import completion
+    from distil_codegpt.evaluate.perf import warm_latency
+
+    out, _, _ = study
+    teacher = out.parent / "cache" / "teachers" / "smollm2-fp32"
+    model, tok = AutoModelForCausalLM.from_pretrained(teacher), load_tokenizer(teacher)
+    inputs = [json.loads(x)["input"] for x in (out / "data/line_completion/test.json").read_text().splitlines()[:3]]
+    calls, of = [], completion.StopIds.of.__func__
+    monkeypatch.setattr(completion.StopIds, "of", classmethod(lambda cls, t: calls.append(1) or of(cls, t)))
+    warm = warm_latency(model, tok, inputs, 3, max_new_tokens=4)
+    assert len(calls) == 1 and warm["p50"] > 0  # not once per timed line: that pass alone takes 0.6 s at 49k ids
+    lengths = [len(encode_inputs(tok, [x], families.context(model) - 4)[0]) for x in inputs]
+    assert warm["cached"] == pytest.approx(sum((n - 1) / n for n in lengths) / 3)
