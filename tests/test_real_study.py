@@ -154,6 +154,17 @@ def test_learning_curve_stops_one_run_and_resumes_it(study, tmp_path: Path) -> N
     assert (rows["students/kd-2-at-256"]["kind"], rows["students/kd-2-at-256"]["tokens"]) == ("curve", "256")
     assert (out / "plots" / "learning_curve.png").is_file() and (out / "plots" / "es_vs_latency.png").is_file()
     assert "![learning_curve](plots/learning_curve.png)" in (out / "results.md").read_text()
+    # the longer variant (its own run at 2x the tokens) joins the curve as a point of its own
+    from distil_codegpt.config import ReportConfig
+    from distil_codegpt.experiment import report
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "_plot_curve", lambda points, longer, *a: seen.append((points, longer)))
+        report.build_report(build_config(ReportConfig, {"dir": str(out), "out": str(tmp_path / "report")}))
+    ((points, longer),) = seen
+    assert [(r["name"], r["tokens"]) for r in points] == [("students/kd-2-at-256", 256), ("students/kd-2", 512)]
+    assert [(r["name"], r["tokens"]) for r in longer] == [("students/2-longer", 1024)]
 
 
 def test_cost_columns_and_wall_times(study) -> None:

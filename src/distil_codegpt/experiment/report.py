@@ -261,12 +261,27 @@ def curve_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(points, key=lambda r: (r["layers"], r["tokens"]))
 
 
-def _plot_curve(points: list[dict[str, Any]], base: dict[str, Any] | None, n: str | None, path: Path) -> None:
-    """ES against KD tokens, one line per depth, with the baseline's ES and 95% of it: how ES kept grows."""
+def other_budgets(records: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Students of a curve's depth trained in runs of their own at budgets the curve has no point at (the `longer`
+    variant): they extend it, each on its own schedule."""
+    at = {(r["layers"], r["tokens"]) for r in points}
+    depths = {k for k, _ in at}
+    extra = [r for r in records if r["kind"] == "student" and r["layers"] in depths and r["tokens"]]
+    return sorted((r for r in extra if (r["layers"], r["tokens"]) not in at), key=lambda r: r["tokens"])
+
+
+def _plot_curve(
+    points: list[dict[str, Any]], longer: list[dict[str, Any]], base: dict[str, Any] | None, n: str | None, path: Path
+) -> None:
+    """ES against KD tokens, one line per depth, with the baseline's ES and 95% of it: how ES kept grows. `longer`:
+    runs of the same depth with more tokens and their own schedule (the `longer` variant), as separate points."""
     fig, ax = _figure()
     for k in sorted({r["layers"] for r in points}):
         line = [r for r in points if r["layers"] == k]
         ax.plot([r["tokens"] for r in line], [r["edit_sim"] for r in line], marker="o", label=f"{k} layers")
+        if more := [r for r in longer if r["layers"] == k and r["tokens"]]:
+            xs, ys = [r["tokens"] for r in more], [r["edit_sim"] for r in more]
+            ax.plot(xs, ys, linestyle="none", marker="s", label=f"{k} layers, a run of its own at that budget")
     if base:
         ax.axhline(base["edit_sim"], color="tab:red", label=f"baseline: {base['label']}")
         ax.axhline(0.95 * base["edit_sim"], color="tab:red", linestyle="--", alpha=0.6, label="95% of the baseline")
@@ -304,7 +319,8 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         _plot(models, LATENCY_PLOT, base_name, n, study_plots[-1])
     if points := curve_points(list(records.values())):
         study_plots.append(out / "plots" / f"{CURVE_STEM}.png")
-        _plot_curve(points, records.get(base_name or ""), n, study_plots[-1])
+        _plot_curve(points, other_budgets(list(records.values()), points), records.get(base_name or ""), n,
+                    study_plots[-1])  # fmt: skip
     costs = cost_table([records[r.name] for r in rows if r.name in records])
     times = wall_times(cfg.dir)
     search = search_table(cfg.dir)
