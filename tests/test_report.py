@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from distil_codegpt.config import ReportConfig, UserError
@@ -188,3 +189,33 @@ def test_incomplete_metrics_name_the_file_and_key(tmp_path: Path) -> None:
     (tmp_path / "teacher" / "eval" / "metrics.json").write_text(json.dumps({"edit_sim": 40.0}))
     with pytest.raises(UserError, match=r"teacher/eval/metrics\.json: missing exact_match, n, params"):
         collect(tmp_path)
+
+
+def test_variants_against_the_main_student_with_a_paired_bootstrap(tmp_path: Path) -> None:
+    from distil_codegpt.experiment.noise import paired_bootstrap
+
+    root = tmp_path / "sweep"
+    gts = ["return x", "self.a = b", "import os", "pass"]
+    test = tmp_path / "test.json"
+    test.write_text("".join(json.dumps({"input": "def f():", "gt": g}) + "\n" for g in gts))
+    preds = {  # the main student, a variant right on every line, one the same as the main student
+        "students/kd-2": ["return y", "self.a = c", "import sys", "pas"],
+        "students/2-better": gts,
+        "students/2-same": ["return y", "self.a = c", "import sys", "pas"],
+    }
+    for name, p in preds.items():
+        _model(root, name, 0.0, 1.0, n=4, test=str(test))
+        (root / name / "eval" / "predictions.txt").write_text("".join(x + "\n" for x in p))
+    _sweep(root, ("students/kd-2", "2 layers", 2), ("students/2-better", "better", 2), ("students/2-same", "same", 2))
+    md = (Path(build_report(ReportConfig(dir=str(root)))["results_md"])).read_text()
+    md = md[md.index("## Against the main student of the same depth") :]
+    # fuzzywuzzy's ratio by hand, 100 * (len1 + len2 - indel) / (len1 + len2) rounded per pair: "return y" against
+    # "return x" 14/16 -> 88 (87.5, halves to even), "self.a = c" 18/20 -> 90, "import sys" 16/19 -> 84, "pas" 6/7 -> 86
+    main, better = (88 + 90 + 84 + 86) / 4, 100.0
+    row = _row(md, "better")
+    assert row[1:5] == [f"{better:.1f}", "2 layers", f"{main:.1f}", f"{better - main:+.1f}"] and row[6] == "yes"
+    assert _row(md, "same")[4:7] == ["+0.0", "+0.0 to +0.0", "no"]
+    lo, hi = (float(x) for x in row[5].split(" to "))
+    assert 10 <= lo <= better - main <= hi <= 16  # the resampled means lie between the smallest and largest gain
+    diff = paired_bootstrap(np.array([3.0, 1.0]), np.array([1.0, 1.0]))
+    assert diff[0] == 1.0 and 0.0 <= diff[1] <= diff[2] <= 2.0  # means of resampled [2, 0]: 0, 1 or 2

@@ -45,19 +45,24 @@ def fuzz_ratio(a: str, b: str) -> int:
     return int(round(100 * ((total - Indel.distance(a, b)) / total)))
 
 
-def line_metrics(preds: Sequence[str], gts: Sequence[str]) -> dict[str, float | int]:
-    """{"exact_match", "edit_sim", "n"}: EM and ES in percent (0-100, full precision) over aligned pairs.
+def pair_scores(preds: Sequence[str], gts: Sequence[str]) -> list[tuple[int, bool]]:
+    """(ES, exact match) of each aligned pair, as the official evaluator scores it before averaging.
 
     `preds` are raw completions (one per line of predictions.txt), `gts` the test file's `gt` fields.
     """
     if len(preds) != len(gts):
         raise ValueError(f"{len(preds)} predictions for {len(gts)} answers; they must pair up one to one")
-    if not gts:
-        return {"exact_match": 0.0, "edit_sim": 0.0, "n": 0}
-    exact = edit = 0
+    scores = []
     for pred, gt in zip(preds, gts):
         p, g = post_process(pred.strip()), post_process(gt)
-        edit += fuzz_ratio(p, g)
-        exact += p.split() == g.split()
-    n = len(gts)
-    return {"exact_match": exact / n * 100, "edit_sim": edit / n, "n": n}
+        scores.append((fuzz_ratio(p, g), p.split() == g.split()))
+    return scores
+
+
+def line_metrics(preds: Sequence[str], gts: Sequence[str]) -> dict[str, float | int]:
+    """{"exact_match", "edit_sim", "n"}: EM and ES in percent (0-100, full precision) over aligned pairs."""
+    scores = pair_scores(preds, gts)
+    if not scores:
+        return {"exact_match": 0.0, "edit_sim": 0.0, "n": 0}
+    n = len(scores)
+    return {"exact_match": sum(em for _, em in scores) / n * 100, "edit_sim": sum(es for es, _ in scores) / n, "n": n}

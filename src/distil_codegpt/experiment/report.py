@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import ReportConfig, UserError
 from distil_codegpt.experiment.costs import cost_fields, cost_notes, cost_table, wall_times
+from distil_codegpt.experiment.noise import noise_table
 from distil_codegpt.experiment.search import search_table
 from distil_codegpt.runinfo import atomic_open, atomic_write_text
 
@@ -64,6 +65,7 @@ class Row:
     metrics: dict[str, Any] | None = None
     tokens: int | None = None  # training tokens of a student (sweep.json)
     seed: int | None = None
+    eval_dir: Path | None = None  # where its metrics.json and predictions.txt are
 
 
 def _read_json(path: Path) -> Any:
@@ -100,9 +102,12 @@ def collect(dir: str | Path) -> list[Row]:
         label, variant = str(entry.get("label") or name), str(entry.get("variant") or "")
         metrics = _load_metrics(path) if path else None
         row = Row(name, label, entry.get("layers"), entry.get("kind"), variant, metrics)
-        row.tokens, row.seed = entry.get("tokens"), entry.get("seed")
+        row.tokens, row.seed, row.eval_dir = entry.get("tokens"), entry.get("seed"), path.parent if path else None
         rows.append(row)
-    rows += [Row(name=name, label=name, metrics=_load_metrics(path)) for name, path in sorted(found.items())]
+    rows += [
+        Row(name=name, label=name, metrics=_load_metrics(path), eval_dir=path.parent)
+        for name, path in sorted(found.items())
+    ]
     return rows
 
 
@@ -324,6 +329,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     costs = cost_table([records[r.name] for r in rows if r.name in records])
     times = wall_times(cfg.dir)
     search = search_table(cfg.dir)
+    noise = noise_table(rows)
 
     table = markdown_table(rows, records)
     setup = [
@@ -357,6 +363,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         "",
         *cost_notes(list(records.values()), cfg.baseline),
         "",
+        *(["## Against the main student of the same depth", "", *noise, ""] if noise else []),
         "## Plots",
         "",
         *[f"![{p.stem}](plots/{p.name})" for p in [*plots, *study_plots]],
