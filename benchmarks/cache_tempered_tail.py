@@ -12,9 +12,6 @@ tempered target the tail bucket gets under that assumption: the mean and the med
 from __future__ import annotations
 
 import argparse
-import math
-
-import numpy as np
 
 from distil_codegpt.distill.teacher_cache import TeacherCache
 
@@ -26,20 +23,12 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     args = ap.parse_args()
     cache = TeacherCache(args.cache)
-    h = cache.header
-    k, vocab = int(h["top_k"]), int(h["vocab_size"])
-    n = min(args.windows, int(h["n_windows"]))
-    logp = np.asarray(cache._logp[:n], dtype=np.float64).reshape(-1, k)
-    tail = np.asarray(cache._tail[:n], dtype=np.float64).reshape(-1)
-    print(f"{args.cache}: top-{k} of a vocabulary of {vocab:,}, {len(tail):,} tokens of {n} windows")
-    print(f"teacher tail mass at T = 1: mean {np.exp(tail).mean():.3f}, median {np.median(np.exp(tail)):.3f}")
-    rest = math.log(vocab - k)
+    n = min(args.windows, cache.n_windows)
+    print(f"{args.cache}: top-{cache.top_k} of a vocabulary of {cache.vocab_size:,}, {n * cache.seq_len:,} tokens")
     for t in args.temperatures:
-        top = np.exp(logp / t).sum(1)
-        even = np.exp(rest + (tail - rest) / t)  # (V - k) * (tail / (V - k)) ** (1 / T), as the loss has it
-        share = even / (top + even)
-        print(f"T = {t:g}: the tail bucket's share of the tempered target: mean {share.mean():.3f}, "
-              f"median {np.median(share):.3f}")  # fmt: skip
+        tail, mean, median = cache.tempered_tail_share(t, n)
+        print(f"T = {t:g}: the tail bucket's share of the tempered target: mean {mean:.3f}, median {median:.3f} "
+              f"(the teacher's tail mass at T = 1: mean {tail:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

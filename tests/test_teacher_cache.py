@@ -213,3 +213,18 @@ def test_cli_builds_a_cache_and_names_a_bad_top_k(
     assert main([*base, "--out", str(tmp_path / "bad"), "--top-k", "0"]) == 2
     assert "top_k: 0 is not allowed; use 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_tempered_tail_share_is_the_even_tails_share_of_the_tempered_buckets(built: Path) -> None:
+    cache = TeacherCache(built)
+    k, vocab, rows = cache.top_k, cache.vocab_size, 3 * cache.seq_len
+    logp = np.fromfile(built / "train.logp.bin", dtype=np.float16)[: rows * k].reshape(rows, k).astype(np.float64)
+    tail = np.exp(np.fromfile(built / "train.tail.bin", dtype=np.float32)[:rows].astype(np.float64))
+    mass, share1, _ = cache.tempered_tail_share(1.0, windows=3)
+    assert mass == pytest.approx(tail.mean()) and share1 == pytest.approx(tail.mean(), rel=1e-3)  # exact at T = 1
+    for t in (2.0, 4.0):
+        per_token = (vocab - k) * (tail / (vocab - k)) ** (1 / t)  # V - k tokens of tail / (V - k) each, tempered
+        top = (np.exp(logp) ** (1 / t)).sum(1)
+        _, share, median = cache.tempered_tail_share(t, windows=3)
+        assert share == pytest.approx((per_token / (top + per_token)).mean(), rel=1e-6)
+        assert median == pytest.approx(np.median(per_token / (top + per_token)), rel=1e-6) and share > share1

@@ -349,7 +349,9 @@ def test_padded_head_is_trimmed_on_save(tiny_data: dict, tmp_path: Path) -> None
     assert saved.config.vocab_size == n_vocab and saved.transformer.wte.weight.size(0) == n_vocab
 
 
-def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_path: Path) -> None:
+def test_distil_from_teacher_cache(
+    tiny_data: dict, teacher_and_student, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """KD from the cache: no teacher in memory, step 1's KD term equals the sparse KL computed here by hand."""
     from distil_codegpt.config import CacheTeacherConfig
     from distil_codegpt.distill.losses import SparseTargets, sparse_kd_loss
@@ -381,6 +383,12 @@ def test_distil_from_teacher_cache(tiny_data: dict, teacher_and_student, tmp_pat
         load_model(str(student_dir))
     )
     assert metrics["dev_loss"] < untrained["dev_loss"]
+    capsys.readouterr()
+    run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "t1", **{**kw, "temperature": 1.0}))
+    assert "tail bucket" not in capsys.readouterr().err  # T = 1: the cache's buckets are exact
+    run_distil(distil_cfg(tiny_data, teacher_and_student, tmp_path / "t8", **{**kw, "temperature": 8.0}))
+    share = TeacherCache(cache_dir).tempered_tail_share(8.0)[1]
+    assert "warning: at T = 8 the cache's tail bucket" in capsys.readouterr().err and share > 0.25
     for bad, match in [
         ({"alpha_cos": 1.0}, "alpha_cos: 1.0 is not available with --teacher-cache: the cache holds no hidden"),
         ({"teacher_mode": "train"}, "teacher_mode: 'train' is not available with --teacher-cache"),

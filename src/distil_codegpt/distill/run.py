@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,22 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+def _warn_tempered_tail(cache: Any, temperature: float) -> None:
+    """At T != 1 a cache's tail bucket stands for an even tail, which can take most of the tempered target."""
+    if temperature == 1 or not cache.top_k < cache.vocab_size:
+        return
+    _, share, _ = cache.tempered_tail_share(temperature)
+    if share > 0.25:
+        print(
+            f"warning: at T = {temperature:g} the cache's tail bucket (the teacher's mass outside its top "
+            f"{cache.top_k}, assumed spread evenly) takes {100 * share:.0f}% of the tempered target on average; "
+            "the student learns to spread its mass over the tail. Use --temperature 1 with a cache, or the online "
+            "teacher (--teacher) for T != 1 (measured: docs/RESULTS.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not cfg.resolved():  # the loss defaults depend on where the teacher comes from
@@ -132,6 +149,7 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     shard_dir = _shards(cfg, rt, tok_dir)
     if cache is not None:
         cache.check_shards(shard_dir)
+        _warn_tempered_tail(cache, cfg.temperature)
     params = count_params(student)
     teacher_params = count_params(teacher) if teacher is not None else cache.header.get("teacher_params")
 
