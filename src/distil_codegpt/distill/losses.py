@@ -223,16 +223,26 @@ def _sparse_kd_rows(
     t = temperature
     log_q = F.log_softmax(student / t, dim=-1)  # [N, V]
     log_q_top = log_q.gather(-1, ids)  # [N, k]
-    log_p_top = logp.float() / t
+    log_p = tempered_buckets(logp, tail, t, vocab)  # [N, k] or [N, k + 1]
     if k == vocab:  # no tail bucket: the top-k is the whole distribution
-        log_p, log_qb = log_p_top.log_softmax(-1), log_q_top
+        log_qb = log_q_top
     else:
         log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # [N, 1]
-        rest = math.log(vocab - k)
-        log_p_tail = (rest + (tail.float() - rest) / t).unsqueeze(-1)  # tempered mass of an even tail
-        log_p = torch.cat([log_p_top, log_p_tail], -1).log_softmax(-1)  # [N, k + 1], renormalised
         log_qb = torch.cat([log_q_top, log_q_tail], -1)
     return _divergence_rows(log_p, log_qb, divergence) * t**2
+
+
+def tempered_buckets(logp: Tensor, tail: Tensor, temperature: float, vocab: int) -> Tensor:
+    """The teacher's cached target at `temperature` as log-probs over its k + 1 buckets (``[N, k]`` log-probs and
+    ``[N]`` log tail mass -> ``[N, k + 1]``; ``[N, k]`` when k is the whole vocabulary): each top-k log-prob divided
+    by T, the tail taken as spread evenly over the other V - k tokens and tempered so, then renormalised."""
+    log_p_top = logp.float() / temperature
+    k = logp.size(-1)
+    if k == vocab:
+        return log_p_top.log_softmax(-1)
+    rest = math.log(vocab - k)
+    log_p_tail = (rest + (tail.float() - rest) / temperature).unsqueeze(-1)  # tempered mass of an even tail
+    return torch.cat([log_p_top, log_p_tail], -1).log_softmax(-1)
 
 
 def clm_loss(student_logits: Tensor, labels: Tensor, kept: Tensor | None = None) -> Tensor:

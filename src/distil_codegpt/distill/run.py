@@ -100,7 +100,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _warn_tempered_tail(cache: Any, temperature: float) -> None:
     """At T != 1 a cache's tail bucket stands for an even tail, which can take most of the tempered target."""
-    if temperature == 1 or not cache.top_k < cache.vocab_size:
+    if temperature == 1:
         return
     _, share, _ = cache.tempered_tail_share(temperature)
     if share > 0.25:

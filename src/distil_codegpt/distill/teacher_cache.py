@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,13 +276,15 @@ class TeacherCache:
         """(the teacher's mean tail mass, the mean and the median share of the tempered target that the tail bucket
         takes at `temperature`) over the first `windows` windows, with the tail spread evenly over the other V - k
         tokens as the sparse KD loss assumes (distill/losses.py). At T = 1 the share is the tail mass itself."""
+        from distil_codegpt.distill.losses import tempered_buckets
+
         n = min(windows, self.n_windows)
-        logp = np.asarray(self._logp[:n], dtype=np.float64).reshape(-1, self.top_k)
-        tail = np.asarray(self._tail[:n], dtype=np.float64).reshape(-1)
-        rest = math.log(self.vocab_size - self.top_k)
-        even = np.exp(rest + (tail - rest) / temperature)  # (V - k) * (tail / (V - k)) ** (1 / T)
-        share = even / (np.exp(logp / temperature).sum(1) + even)
-        return float(np.exp(tail).mean()), float(share.mean()), float(np.median(share))
+        logp = torch.from_numpy(np.asarray(self._logp[:n], dtype=np.float64).reshape(-1, self.top_k))
+        tail = torch.from_numpy(np.asarray(self._tail[:n], dtype=np.float64).reshape(-1))
+        if self.top_k >= self.vocab_size:  # the top-k is the whole distribution: no tail bucket
+            return 0.0, 0.0, 0.0
+        share = tempered_buckets(logp, tail, temperature, self.vocab_size)[:, -1].exp().double().numpy()
+        return float(tail.exp().mean()), float(share.mean()), float(np.median(share))
 
     def check_shards(self, shard_dir: str | Path) -> None:
         """The cache's rows are only right for the token ids it was built from: same tokenizer, same corpus."""
