@@ -146,3 +146,19 @@ def test_long_inputs_keep_their_positions_in_the_context(model, tok, tiny_data) 
     expected = [one_at_a_time(model, tok, x)[0] for x in long]
     for batch in (16, 24):
         assert complete(model, tok, long, batch_size=batch, max_new_tokens=MAX_NEW, progress=False) == expected
+
+
+def test_line_end_pick_takes_the_ends_as_one_outcome() -> None:
+    end = torch.tensor([True, True, True, False, False])
+    logits = torch.tensor([[0.2, 0.2, 0.2, 0.4, 1e-9], [0.1, 0.1, 0.1, 0.5, 0.2], [0.05, 0.3, 0.05, 0.25, 0.35]]).log()
+    # ends 0.6 > 0.4: the likeliest end id; ends 0.3 < 0.5: plain argmax; ends 0.4 > 0.35: id 1, not argmax 4
+    assert completion.line_end_pick(logits, end).tolist() == [0, 3, 1]
+    assert completion.line_end_pick(logits, end[None].expand(3, -1)).tolist() == [0, 3, 1]
+    assert logits.argmax(-1).tolist() == [3, 3, 4]
+
+
+def test_line_end_mass_is_greedy_only(model, tok) -> None:
+    with pytest.raises(completion.ConfigError, match="greedy"):
+        complete(model, tok, ["x ="], beam=2, line_end="mass", progress=False)
+    with pytest.raises(completion.ConfigError, match="not one of"):
+        complete(model, tok, ["x ="], line_end="sum", progress=False)

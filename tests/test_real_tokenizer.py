@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -14,13 +15,13 @@ from distil_codegpt.config import CorpusConfig, EvaluateConfig, build_config
 from distil_codegpt.data.corpus import build_corpus
 from distil_codegpt.data.shards import TokenShard, ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer, raw_framing, tokenizer_fingerprint
-from distil_codegpt.evaluate.completion import StopIds, encode_inputs, finish
+from distil_codegpt.evaluate.completion import StopIds, encode_inputs, finish, is_raw
 from distil_codegpt.model.presets import preset_config
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    def g(self):\n        return [1, 2]\n"
 
 
-def smollm_like_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+def smollm_like_tokenizer(path: Path, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
     """No pre-split on newlines, so merges such as `):\\n` and `\\n\\n    ` exist, as in SmolLM2's vocabulary."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -29,7 +30,7 @@ def smollm_like_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator([CODE] * 50, trainer)
+    tok.train_from_iterator(texts or [CODE] * 50, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
     )
@@ -113,3 +114,81 @@ def test_evaluate_a_llama_teacher_with_its_own_tokenizer(teacher_tok, tmp_path):
     preds = (tmp_path / "eval" / "predictions.txt").read_text().split("\n")[: len(examples)]
     ref = line_metrics(preds, [e.gt for e in examples])
     assert metrics["edit_sim"] == pytest.approx(ref["edit_sim"]) and metrics["n"] == len(examples)
+
+
+def test_line_end_ids_are_the_bare_newlines_and_the_ends(teacher_tok):
+    tok = load_tokenizer(teacher_tok)
+    stops = StopIds.of(tok)
+    texts = {i: tok.decode([i]) for i in range(len(tok))}
+    carrying = [i for i in stops.newline if texts[i].split("\n", 1)[0].strip()]  # `):\n`: code before the break
+    bare = [i for i in stops.newline if not texts[i].split("\n", 1)[0].strip()]  # `\n`, `\n\n    `
+    assert carrying and len(bare) >= 3
+    ends = set(stops.line_end(True))
+    assert set(bare) <= ends and not set(carrying) & ends
+    assert {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")} <= ends
+    assert ends - set(bare) == set(stops.ends) | {tok.eos_token_id}
+
+
+def mass_one_at_a_time(model, tok, text: str, max_new: int) -> str:
+    """The line-end rule written out: full forward passes, no cache, the probabilities summed in Python."""
+    stops, raw = StopIds.of(tok), is_raw(text)
+    ids = encode_inputs(tok, [text], model.config.max_position_embeddings - max_new)[0]
+    ends, stop = set(stops.line_end(raw)), set(stops.for_mode(raw))
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            p = model(input_ids=torch.tensor([ids + new])).logits[0, -1].softmax(-1).tolist()
+            p_end = sum(p[i] for i in ends if i < len(p))
+            best_other = max((i for i in range(len(p)) if i not in ends), key=lambda i: p[i])
+            nxt = max(ends, key=lambda i: p[i]) if p_end > p[best_other] else max(range(len(p)), key=lambda i: p[i])
+            new.append(nxt)
+            if nxt in stop:
+                break
+    return finish(tok, new, raw, stops)
+
+
+STEPS = 150
+
+
+def stdlib_code() -> tuple[str, str]:
+    """(train, held out): real Python of varied shape, from this interpreter's own library."""
+    import argparse, textwrap, string, ast, json.decoder, shlex  # noqa: E401, I001
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (textwrap, string, ast, json.decoder, argparse)]
+    return "".join(texts), Path(shlex.__file__).read_text(encoding="utf-8")
+
+
+def test_line_end_mass_equals_the_rule_written_out(tmp_path):
+    """A tiny Llama trained briefly on code whose line breaks the tokenizer merges with the next indentation: greedy
+    by the summed line-end probability (batched, and through the serving engine) equals the rule written out."""
+    from distil_codegpt.evaluate.completion import complete, engine_complete
+    from distil_codegpt.serve.engine import TorchEngine
+
+    code, held_out = stdlib_code()
+    tok = smollm_like_tokenizer(tmp_path / "tok", [code])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config("tiny-llama", len(tok)))
+    stream = torch.tensor(tok.encode(code, add_special_tokens=False))
+    windows = stream[: len(stream) // 32 * 32].view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(STEPS):
+        batch = windows[torch.randint(len(windows), (8,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    rng = np.random.default_rng(0)
+    cuts = sorted(rng.choice(np.arange(200, len(held_out)), 40, replace=False).tolist())
+    inputs = [held_out[:k] for k in cuts if held_out[k - 1] != "\n"]
+    max_new = 10
+    expected = [mass_one_at_a_time(model, tok, x, max_new) for x in inputs]
+    plain = complete(model, tok, inputs, batch_size=8, max_new_tokens=max_new, progress=False)
+    # the rule only ever ends a line sooner: each completion is a prefix of the plain one, some strictly shorter
+    assert all(p.startswith(e) for p, e in zip(plain, expected))
+    assert sum(len(e) < len(p) for p, e in zip(plain, expected)) >= 3
+    assert sum(len(e) == len(p) > 0 for p, e in zip(plain, expected)) >= 3
+    for batch in (1, 8):
+        got = complete(model, tok, inputs, batch_size=batch, max_new_tokens=max_new, progress=False, line_end="mass")
+        assert got == expected, batch
+    engine = TorchEngine(model, tok, Path("."), cache_slots=1)
+    assert engine_complete(engine, tok, inputs, max_new, progress=False, line_end="mass") == expected

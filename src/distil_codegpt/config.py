@@ -347,6 +347,11 @@ class EvaluateConfig:
     out: str = opt("", "output directory: predictions.txt, metrics.json, run.json", required=True)
     limit: int = opt(0, "evaluate only the first N examples (0 = all)")
     beam: int = opt(1, "beam width: 1 = greedy; CodeXGLUE's pipeline used 5")
+    line_end: Literal["token", "mass"] = opt(
+        "token",
+        "greedy's end of line: token = the likeliest id; mass = the line ends when the ids that end it outweigh"
+        " every other id together",
+    )
     batch_size: int = opt(32, "examples decoded together")
     max_new_tokens: int = opt(100, "at most this many new tokens per completion")
     context: int = opt(0, "use at most this many positions (0 = the model's context); e.g. the trained seq_len")
@@ -371,6 +376,7 @@ class EvaluateConfig:
         _require(self.out, "out", "pass --out DIR")
         for name in ("beam", "batch_size", "max_new_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        _check(self.line_end == "token" or self.beam == 1, "line_end", self.line_end, "mass is greedy's: use --beam 1")
         for name in ("limit", "latency_samples", "threads", "context"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
 

@@ -14,10 +14,16 @@ A row leaves as soon as it ends its line and the next inputs take the free slots
 row. A row attends to its own tokens only: batched output equals batch-1 output, and in fp32 that of
 `generate` on each input alone. Beam search goes through `generate`, on left-padded batches of one mode. Inputs
 longer than the context minus `max_new_tokens` keep their last tokens: those are the ones the next line depends on.
+
+Greedy decoding picks one token at a time, so "the line ends here" loses to any single other token even when the
+model gives it more probability in all: a tokenizer that merges a line break with the next line's indentation
+(`\n`, `\n    `, `\n        `, ...) splits that probability over many ids. `line_end="mass"` takes the ids that end the
+completion with no more text as one outcome: when their summed probability beats every other id, the line ends.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ from distil_codegpt.data.tokenizer import end_ids, raw_framing
 BOS_TEXT = "<s>"
 EOL_TEXT = "<EOL>"
 LINE_BREAKS = ("\n", "\r")
+_LINE_BREAK = re.compile("[\r\n]")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class StopIds:
     eos: int | None
     pad: int
     ends: frozenset[int] = frozenset()  # every special id (eos, `<|endoftext|>`, chat markers): ends a completion
+    bare: frozenset[int] = frozenset()  # raw mode: newline tokens with nothing but spaces before their line break
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase) -> StopIds:
@@ -54,11 +62,12 @@ class StopIds:
         )
         eol = frozenset(i for i, t in enumerate(texts) if t.strip() == EOL_TEXT)
         newline = frozenset(i for i, t in enumerate(texts) if any(b in t for b in LINE_BREAKS))
+        bare = frozenset(i for i in newline if not _LINE_BREAK.split(texts[i], maxsplit=1)[0].strip())
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         if pad is None:
             raise ConfigError("tokenizer: has neither a pad nor an eos token; save it with one (e.g. <pad>)")
-        return cls(eol, newline, eos, pad, frozenset(end_ids(tok)))
+        return cls(eol, newline, eos, pad, frozenset(end_ids(tok)), bare)
 
     @property
     def fill(self) -> int:
@@ -71,6 +80,32 @@ class StopIds:
         if self.eos is not None:
             ids.add(self.eos)
         return sorted(ids)
+
+    def line_end(self, raw: bool) -> list[int]:
+        """The ids that end a completion with no more text: what `line_end="mass"` sums (eos, special ids, and in
+        raw mode the bare newline tokens, in normalised mode `<EOL>`)."""
+        ids = set(self.bare if raw else self.eol) | self.ends
+        if self.eos is not None:
+            ids.add(self.eos)
+        return sorted(ids)
+
+
+LINE_END_RULES = ("token", "mass")
+
+
+def check_line_end(rule: str, beam: int = 1) -> None:
+    if rule not in LINE_END_RULES:
+        raise ConfigError(f"line_end: {rule!r} is not one of {', '.join(LINE_END_RULES)}")
+    if rule == "mass" and beam != 1:
+        raise ConfigError(f"line_end: 'mass' is a rule of greedy decoding, and beam is {beam}; use beam 1")
+
+
+def line_end_pick(logits: Tensor, end: Tensor) -> Tensor:
+    """Greedy ids (B,) from logits (B, V) with "the line ends" as one outcome: the most likely id of `end` (B, V) or
+    (V,) bool when the summed probability of `end` beats every other id's, else the plain argmax."""
+    p = logits.float().softmax(-1)
+    ends = (p * end).sum(-1) > p.masked_fill(end, 0.0).amax(-1)
+    return torch.where(ends, logits.masked_fill(~end, float("-inf")).argmax(-1), logits.argmax(-1))
 
 
 def is_raw(text: str) -> bool:
@@ -127,6 +162,7 @@ def complete(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     stops: StopIds | None = None,
+    line_end: str = "token",
 ) -> list[str]:
     """One completion per input, in input order (greedy for beam 1, else beam search; deterministic).
 
@@ -136,6 +172,8 @@ def complete(
         max_new_tokens: longest completion in tokens; inputs are cut to the context minus this.
         autocast_dtype: bf16 (CUDA or CPU) or fp16 (CUDA) autocast; None = the model's own dtype.
         stops: precomputed `StopIds.of(tok)`, to save the vocabulary pass on repeated calls.
+        line_end: "token" = plain greedy; "mass" = the line ends when the ids that end it outweigh every other id
+            together (greedy only; see the module's docstring).
     Returns:
         completions without line breaks (normalised: stripped; raw: right-stripped).
     """
@@ -145,6 +183,7 @@ def complete(
             f"max_new_tokens: {max_new_tokens} leaves no room for input in the model's context of {context};"
             f" use at most {context - 1}"
         )
+    check_line_end(line_end, beam)
     stops = stops or StopIds.of(tok)
     device = torch.device(device)
     raw = [is_raw(x) for x in inputs]
@@ -155,7 +194,8 @@ def complete(
     bar = tqdm(total=len(inputs), desc="complete", unit="ex", disable=not progress)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
         if beam == 1:
-            greedy = _Greedy(model, [ids[i] for i in order], [raw[i] for i in order], stops, max_new_tokens, device)
+            seqs, modes = [ids[i] for i in order], [raw[i] for i in order]
+            greedy = _Greedy(model, seqs, modes, stops, max_new_tokens, device, line_end)
             for k, new in greedy.run(batch_size):
                 out[order[k]] = finish(tok, new, raw[order[k]], stops)
                 bar.update(1)
@@ -249,6 +289,7 @@ class _Greedy:
         stops: StopIds,
         max_new_tokens: int,
         device: torch.device,
+        line_end: str = "token",
     ) -> None:
         self.model, self.seqs, self.raw, self.max_new, self.device = model, seqs, raw, max_new_tokens, device
         self.pad, self.width = stops.pad, _context(model) + max_new_tokens
@@ -256,6 +297,11 @@ class _Greedy:
         self.is_stop = torch.zeros(2, vocab, dtype=torch.bool, device=device)  # [raw mode, id]: ends the line
         for mode in (0, 1):
             self.is_stop[mode, [i for i in stops.for_mode(bool(mode)) if i < vocab]] = True
+        self.is_end = None  # [raw mode, id]: ends the line with no more text, summed by line_end "mass"
+        if line_end == "mass":
+            self.is_end = torch.zeros_like(self.is_stop)
+            for mode in (0, 1):
+                self.is_end[mode, [i for i in stops.line_end(bool(mode)) if i < vocab]] = True
         self.additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"  # eager adds its mask
 
     def run(self, slots: int) -> Iterator[tuple[int, list[int]]]:
@@ -297,7 +343,7 @@ class _Greedy:
 
     def _step(self) -> None:
         mask = self.cache.step_mask()
-        self.nxt = self._forward(self.nxt[:, None], self.pos[:, None], mask, self.cache).argmax(-1)
+        self.nxt = self._pick(self._forward(self.nxt[:, None], self.pos[:, None], mask, self.cache), self.mode)
         self.cache.col += 1
         self.pos += self.live  # a free slot stays put, inside the context
         self._record(torch.arange(len(self.rows), device=self.device))
@@ -346,7 +392,8 @@ class _Greedy:
             causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
             mask = (causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=self.device)))[:, None]
         prefill = DynamicCache(config=self.model.config)
-        first = self._forward(x, pos, mask, prefill).argmax(-1)
+        modes = torch.tensor([self.raw[i] for i in seqs], dtype=torch.long, device=self.device)
+        first = self._pick(self._forward(x, pos, mask, prefill), modes)
         if self.cache is None:
             self.cache = _Slots(prefill, len(self.rows), self.width)
         at = torch.tensor(slots, device=self.device)
@@ -360,6 +407,12 @@ class _Greedy:
         self.rows = [self.rows[s] for s in seated]
         for name in ("live", "nxt", "pos", "mode", "count", "new", "done"):
             setattr(self, name, getattr(self, name)[keep])
+
+    def _pick(self, logits: Tensor, modes: Tensor) -> Tensor:
+        """The next id of each row (B,) from its logits (B, V), by the line-end rule."""
+        if self.is_end is None:
+            return logits.argmax(-1)
+        return line_end_pick(logits, self.is_end[modes])
 
     def _forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: Cache) -> Tensor:
         """(B, V) logits of each row's last position; `mask` (B, 1, q, kv) True = attend, None = plain causal."""
@@ -406,12 +459,16 @@ def engine_complete(
     max_new_tokens: int = 100,
     progress: bool = True,
     stops: StopIds | None = None,
+    line_end: str = "token",
 ) -> list[str]:
     """One completion per input through an `Engine` (exported engines), one input at a time, greedy.
 
-    Same inputs, truncation, stops and text as `complete`: a raw-mode newline token is kept (it may carry code
-    before its line break), so the engine is asked to stop only at eos and the loop stops at the newline.
+    Same inputs, truncation, stops, line-end rule and text as `complete`: a raw-mode newline token is kept (it may
+    carry code before its line break), so the engine is asked to stop only at eos and the loop stops at the newline.
     """
+    check_line_end(line_end)
+    if line_end != "token" and not getattr(engine, "supports_line_end", False):
+        raise ConfigError(f"line_end: the {engine.name} engine decodes by plain greedy only; use line_end token")
     stops = stops or StopIds.of(tok)  # a pass over the vocabulary (0.6 s for SmolLM2's): pass it on repeated calls
     out = []
     for text in tqdm(inputs, desc="complete", unit="ex", disable=not progress):
@@ -419,7 +476,8 @@ def engine_complete(
         ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
         stop_now = set(stops.for_mode(raw)) - (stops.newline if raw else set())
         new: list[int] = []
-        for i in engine.stream(ids, max_new_tokens, stop_now):
+        kw = {"line_end": frozenset(stops.line_end(raw))} if line_end == "mass" else {}
+        for i in engine.stream(ids, max_new_tokens, stop_now, **kw):
             new.append(i)
             if raw and i in stops.newline:
                 break

@@ -44,6 +44,7 @@ def latency(
     max_new_tokens: int = 100,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    line_end: str = "token",
 ) -> dict[str, float | None]:
     """{"p50", "p95"}: milliseconds to complete one whole line at batch 1 (what an editor waits for).
 
@@ -54,6 +55,7 @@ def latency(
         return {"p50": None, "p95": None}
     stops = StopIds.of(tok)
     kw = {"beam": beam, "max_new_tokens": max_new_tokens, "device": device, "autocast_dtype": autocast_dtype}
+    kw["line_end"] = line_end
     complete(model, tok, sample[:1], batch_size=1, progress=False, stops=stops, **kw)
     times = []
     for text in sample:
@@ -72,11 +74,12 @@ def warm_latency(
     max_new_tokens: int = 100,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    line_end: str = "token",
 ) -> dict[str, float | None]:
     """{"p50", "p95", "cached"}: milliseconds to complete one whole line at batch 1 when the prompt but its last
     token is already in the KV cache, as the editor's previous keystroke left it (what `serve` answers with its
     prefix cache); "cached" is the mean share of prompt tokens taken from the cache. Greedy, the same inputs,
-    truncation and stops as `latency`; None when n is 0.
+    truncation, stops and line-end rule as `latency`; None when n is 0.
 
     Each timed prompt is preceded by an untimed read of the prompt less its last token (a keystroke can change
     the last token, so it is read again with the new one), after one untimed warm-up run."""
@@ -90,12 +93,12 @@ def warm_latency(
     amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     times, cached = [], []
     with amp:
-        engine_complete(engine, tok, sample[:1], max_new_tokens, progress=False, stops=stops)
+        engine_complete(engine, tok, sample[:1], max_new_tokens, progress=False, stops=stops, line_end=line_end)
         for text in sample:
             ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
             list(engine.stream(ids[:-1], 0, set()))  # the previous keystroke's prompt, read into the cache
             start = time.perf_counter()
-            engine_complete(engine, tok, [text], max_new_tokens, progress=False, stops=stops)
+            engine_complete(engine, tok, [text], max_new_tokens, progress=False, stops=stops, line_end=line_end)
             times.append((time.perf_counter() - start) * 1000)
             cached.append(engine.cached_tokens / len(ids))
     p50, p95 = np.percentile(times, [50, 95])

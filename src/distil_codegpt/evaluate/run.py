@@ -69,6 +69,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     inputs = [ex.input for ex in examples]
     stops = StopIds.of(tok)
     kw = {"beam": cfg.beam, "max_new_tokens": cfg.max_new_tokens, "device": device, "autocast_dtype": amp}
+    kw["line_end"] = cfg.line_end
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -101,7 +102,7 @@ def _warm(cfg, model, tok, inputs, device, amp) -> dict[str, float | None]:  # n
     """metrics.json's warm-latency fields (`perf.warm_latency`; a PyTorch model decoded greedily: else None)."""
     warm = {"p50": None, "p95": None, "cached": None}
     if cfg.beam == 1 and model is not None:
-        warm = warm_latency(model, tok, inputs, cfg.latency_samples, cfg.max_new_tokens, device, amp)
+        warm = warm_latency(model, tok, inputs, cfg.latency_samples, cfg.max_new_tokens, device, amp, cfg.line_end)
     return {"warm_latency_ms_p50": warm["p50"], "warm_latency_ms_p95": warm["p95"], "warm_cached": warm["cached"]}
 
 
@@ -137,12 +138,12 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
     inputs = [ex.input for ex in examples]
     start = time.perf_counter()
     stops = StopIds.of(tok)
-    preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens, stops=stops)
+    preds = engine_complete(engine, tok, inputs, cfg.max_new_tokens, stops=stops, line_end=cfg.line_end)
     decode_s = time.perf_counter() - start
     times = []
     for text in inputs[: cfg.latency_samples]:
         t = time.perf_counter()
-        engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False, stops=stops)
+        engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False, stops=stops, line_end=cfg.line_end)
         times.append(1000 * (time.perf_counter() - t))
     lat = {"p50": _percentile(times, 50), "p95": _percentile(times, 95)} if times else {"p50": None, "p95": None}
     run = Path(cfg.model) / "run.json"
@@ -183,6 +184,7 @@ def _finish(cfg, examples, preds, n_params, decode_s, lat, extra, device, amp, t
         "test": cfg.test,
         "mode": "raw" if n_raw == len(inputs) else "codexglue" if n_raw == 0 else "mixed",
         "beam": cfg.beam,
+        "line_end": cfg.line_end,
         "batch_size": extra.pop("batch_size", cfg.batch_size),
         "max_new_tokens": cfg.max_new_tokens,
         "device": device,

@@ -47,6 +47,9 @@ class Engine(ABC):
     # Engines that can restrict the first new token (token healing of a half-typed word) say so and take
     # `first_allowed` in `stream`; the others are called without it.
     supports_first_allowed: bool = False
+    # Engines that can end a line by the summed probability of its line-end ids (`completion.line_end_pick`) say so
+    # and take `line_end` in `stream`.
+    supports_line_end: bool = False
 
     @abstractmethod
     def stream(
@@ -74,9 +77,20 @@ class Engine(ABC):
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and f.suffix in exts) / 1e6
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Next id from one row of logits (V,): argmax at temperature 0, else nucleus sampling."""
+def pick_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    line_end: torch.Tensor | None = None,
+) -> int:
+    """Next id from one row of logits (V,): argmax at temperature 0 (by the line-end rule when `line_end`, a (V,)
+    bool mask of the ids that end the line, is given), else nucleus sampling."""
     if temperature <= 0:
+        if line_end is not None:
+            from distil_codegpt.evaluate.completion import line_end_pick  # evaluate imports this module
+
+            return int(line_end_pick(logits[None], line_end)[0])
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -128,6 +142,7 @@ class TorchEngine(Engine):
 
     name = "torch"
     supports_first_allowed = True
+    supports_line_end = True
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, path: Path, device: str = "cpu", cache_slots: int = 0
@@ -220,7 +235,9 @@ class TorchEngine(Engine):
         top_p: float = 1.0,
         seed: int | None = None,
         first_allowed: frozenset[int] | None = None,
+        line_end: frozenset[int] | None = None,
     ) -> Iterator[int]:
+        """As `Engine.stream`; `line_end`: the ids that end the line, taken as one outcome by greedy decoding."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         slot, reuse = self._slot(ids) if ids else (None, 0)
         self.cached_tokens = reuse
@@ -240,7 +257,10 @@ class TorchEngine(Engine):
             logits = logits[0]
             if step == 0 and first_allowed:
                 logits = restrict(logits, first_allowed)
-            nxt = pick_next(logits, temperature, top_p, gen)
+            if step == 0 and line_end:
+                end = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                end[[i for i in line_end if i < len(end)]] = True
+            nxt = pick_next(logits, temperature, top_p, gen, end if line_end else None)
             if nxt in stop_ids:
                 return
             yield nxt
