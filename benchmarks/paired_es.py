@@ -3,6 +3,8 @@ report's "Against the main student of the same depth", for any pair).
 
     python benchmarks/paired_es.py runs/real students/10-in-training students/10-online \
         students/10-online students/10-ce-only
+
+A name is a model directory (its eval/ is read) or an evaluation directory itself (`evaluate --out`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from distil_codegpt.experiment.noise import REPS, example_scores, paired_bootstr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep", help="a sweep directory")
-    ap.add_argument("pairs", nargs="+", help="model names under it, two by two: A B (A - B) ...")
+    ap.add_argument("pairs", nargs="+", help="models or evaluations under it, two by two: A B (A - B) ...")
     args = ap.parse_args()
     if len(args.pairs) % 2:
         ap.error("give the models two by two: A B [A B ...]")
     root = Path(args.sweep)
 
     def scores(name: str):  # noqa: ANN202
-        d = root / name / "eval"
+        d = (
+            root / name if (root / name / "metrics.json").is_file() else root / name / "eval"
+        )  # an eval dir, or a model's
         s = example_scores(d, json.loads((d / "metrics.json").read_text()))
         if s is None:
             raise SystemExit(f"{d}: no predictions.txt, or its test file is gone")

@@ -154,6 +154,8 @@ def test_line_end_pick_takes_the_ends_as_one_outcome() -> None:
     # ends 0.6 > 0.4: the likeliest end id; ends 0.3 < 0.5: plain argmax; ends 0.4 > 0.35: id 1, not argmax 4
     assert completion.line_end_pick(logits, end).tolist() == [0, 3, 1]
     assert completion.line_end_pick(logits, end[None].expand(3, -1)).tolist() == [0, 3, 1]
+    # majority: ends above 1/2 only (0.6; not 0.3 or 0.4)
+    assert completion.line_end_pick(logits, end, "majority").tolist() == [0, 3, 4]
     assert logits.argmax(-1).tolist() == [3, 3, 4]
 
 

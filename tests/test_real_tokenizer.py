@@ -129,7 +129,7 @@ def test_line_end_ids_are_the_bare_newlines_and_the_ends(teacher_tok):
     assert ends - set(bare) == set(stops.ends) | {tok.eos_token_id}
 
 
-def mass_one_at_a_time(model, tok, text: str, max_new: int) -> str:
+def line_end_one_at_a_time(model, tok, text: str, max_new: int, rule: str) -> str:
     """The line-end rule written out: full forward passes, no cache, the probabilities summed in Python."""
     stops, raw = StopIds.of(tok), is_raw(text)
     ids = encode_inputs(tok, [text], model.config.max_position_embeddings - max_new)[0]
@@ -140,7 +140,8 @@ def mass_one_at_a_time(model, tok, text: str, max_new: int) -> str:
             p = model(input_ids=torch.tensor([ids + new])).logits[0, -1].softmax(-1).tolist()
             p_end = sum(p[i] for i in ends if i < len(p))
             best_other = max((i for i in range(len(p)) if i not in ends), key=lambda i: p[i])
-            nxt = max(ends, key=lambda i: p[i]) if p_end > p[best_other] else max(range(len(p)), key=lambda i: p[i])
+            bar = 0.5 if rule == "majority" else p[best_other]
+            nxt = max(ends, key=lambda i: p[i]) if p_end > bar else max(range(len(p)), key=lambda i: p[i])
             new.append(nxt)
             if nxt in stop:
                 break
@@ -158,9 +159,9 @@ def stdlib_code() -> tuple[str, str]:
     return "".join(texts), Path(shlex.__file__).read_text(encoding="utf-8")
 
 
-def test_line_end_mass_equals_the_rule_written_out(tmp_path):
+def test_line_end_rules_equal_the_rules_written_out(tmp_path):
     """A tiny Llama trained briefly on code whose line breaks the tokenizer merges with the next indentation: greedy
-    by the summed line-end probability (batched, and through the serving engine) equals the rule written out."""
+    by the summed line-end probability (batched, and through the serving engine) equals each rule written out."""
     from distil_codegpt.evaluate.completion import complete, engine_complete
     from distil_codegpt.serve.engine import TorchEngine
 
@@ -181,14 +182,18 @@ def test_line_end_mass_equals_the_rule_written_out(tmp_path):
     cuts = sorted(rng.choice(np.arange(200, len(held_out)), 40, replace=False).tolist())
     inputs = [held_out[:k] for k in cuts if held_out[k - 1] != "\n"]
     max_new = 10
-    expected = [mass_one_at_a_time(model, tok, x, max_new) for x in inputs]
     plain = complete(model, tok, inputs, batch_size=8, max_new_tokens=max_new, progress=False)
-    # the rule only ever ends a line sooner: each completion is a prefix of the plain one, some strictly shorter
-    assert all(p.startswith(e) for p, e in zip(plain, expected))
-    assert sum(len(e) < len(p) for p, e in zip(plain, expected)) >= 3
-    assert sum(len(e) == len(p) > 0 for p, e in zip(plain, expected)) >= 3
-    for batch in (1, 8):
-        got = complete(model, tok, inputs, batch_size=batch, max_new_tokens=max_new, progress=False, line_end="mass")
-        assert got == expected, batch
     engine = TorchEngine(model, tok, Path("."), cache_slots=1)
-    assert engine_complete(engine, tok, inputs, max_new, progress=False, line_end="mass") == expected
+    got = {}
+    for rule in ("mass", "majority"):
+        expected = [line_end_one_at_a_time(model, tok, x, max_new, rule) for x in inputs]
+        for batch in (1, 8):
+            kw = {"batch_size": batch, "max_new_tokens": max_new, "progress": False, "line_end": rule}
+            assert complete(model, tok, inputs, **kw) == expected, (rule, batch)
+        assert engine_complete(engine, tok, inputs, max_new, progress=False, line_end=rule) == expected, rule
+        got[rule] = expected
+    # the rules only ever end a line sooner, "mass" soonest: each completion is a prefix of the next
+    for short, long in ((got["mass"], got["majority"]), (got["majority"], plain)):
+        assert all(b.startswith(a) for a, b in zip(short, long))
+    assert sum(len(a) < len(b) for a, b in zip(got["mass"], got["majority"])) >= 3
+    assert sum(len(m) == len(p) > 0 for m, p in zip(got["mass"], plain)) >= 3

@@ -347,10 +347,10 @@ class EvaluateConfig:
     out: str = opt("", "output directory: predictions.txt, metrics.json, run.json", required=True)
     limit: int = opt(0, "evaluate only the first N examples (0 = all)")
     beam: int = opt(1, "beam width: 1 = greedy; CodeXGLUE's pipeline used 5")
-    line_end: Literal["token", "mass"] = opt(
+    line_end: Literal["token", "mass", "majority"] = opt(
         "token",
-        "greedy's end of line: token = the likeliest id; mass = the line ends when the ids that end it outweigh"
-        " every other id together",
+        "greedy's end of line: token = the likeliest id; mass = the line ends when the ids that end it together"
+        " outweigh every other id; majority = when they take over half the probability",
     )
     batch_size: int = opt(32, "examples decoded together")
     max_new_tokens: int = opt(100, "at most this many new tokens per completion")
@@ -376,7 +376,7 @@ class EvaluateConfig:
         _require(self.out, "out", "pass --out DIR")
         for name in ("beam", "batch_size", "max_new_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
-        _check(self.line_end == "token" or self.beam == 1, "line_end", self.line_end, "mass is greedy's: use --beam 1")
+        _check(self.line_end == "token" or self.beam == 1, "line_end", self.line_end, "it is greedy's: use --beam 1")
         for name in ("limit", "latency_samples", "threads", "context"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
 

@@ -17,8 +17,9 @@ longer than the context minus `max_new_tokens` keep their last tokens: those are
 
 Greedy decoding picks one token at a time, so "the line ends here" loses to any single other token even when the
 model gives it more probability in all: a tokenizer that merges a line break with the next line's indentation
-(`\n`, `\n    `, `\n        `, ...) splits that probability over many ids. `line_end="mass"` takes the ids that end the
-completion with no more text as one outcome: when their summed probability beats every other id, the line ends.
+(`\n`, `\n    `, `\n        `, ...) splits that probability over many ids. `line_end` "mass" and "majority" take the
+ids that end the completion with no more text as one outcome: the line ends when their summed probability beats
+every other id ("mass"), or the rest of the vocabulary together ("majority": above 1/2).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class StopIds:
         return sorted(ids)
 
     def line_end(self, raw: bool) -> list[int]:
-        """The ids that end a completion with no more text: what `line_end="mass"` sums (eos, special ids, and in
+        """The ids that end a completion with no more text: what the line-end rules sum (eos, special ids, and in
         raw mode the bare newline tokens, in normalised mode `<EOL>`)."""
         ids = set(self.bare if raw else self.eol) | self.ends
         if self.eos is not None:
@@ -90,21 +91,23 @@ class StopIds:
         return sorted(ids)
 
 
-LINE_END_RULES = ("token", "mass")
+LINE_END_RULES = ("token", "mass", "majority")
 
 
 def check_line_end(rule: str, beam: int = 1) -> None:
     if rule not in LINE_END_RULES:
         raise ConfigError(f"line_end: {rule!r} is not one of {', '.join(LINE_END_RULES)}")
-    if rule == "mass" and beam != 1:
-        raise ConfigError(f"line_end: 'mass' is a rule of greedy decoding, and beam is {beam}; use beam 1")
+    if rule != "token" and beam != 1:
+        raise ConfigError(f"line_end: {rule!r} is a rule of greedy decoding, and beam is {beam}; use beam 1")
 
 
-def line_end_pick(logits: Tensor, end: Tensor) -> Tensor:
+def line_end_pick(logits: Tensor, end: Tensor, rule: str = "mass") -> Tensor:
     """Greedy ids (B,) from logits (B, V) with "the line ends" as one outcome: the most likely id of `end` (B, V) or
-    (V,) bool when the summed probability of `end` beats every other id's, else the plain argmax."""
+    (V,) bool when the summed probability of `end` beats every other id's ("mass") or 1/2 ("majority"), else the
+    plain argmax."""
     p = logits.float().softmax(-1)
-    ends = (p * end).sum(-1) > p.masked_fill(end, 0.0).amax(-1)
+    p_end = (p * end).sum(-1)
+    ends = p_end > (0.5 if rule == "majority" else p.masked_fill(end, 0.0).amax(-1))
     return torch.where(ends, logits.masked_fill(~end, float("-inf")).argmax(-1), logits.argmax(-1))
 
 
@@ -173,7 +176,7 @@ def complete(
         autocast_dtype: bf16 (CUDA or CPU) or fp16 (CUDA) autocast; None = the model's own dtype.
         stops: precomputed `StopIds.of(tok)`, to save the vocabulary pass on repeated calls.
         line_end: "token" = plain greedy; "mass" = the line ends when the ids that end it outweigh every other id
-            together (greedy only; see the module's docstring).
+            together; "majority" = when they take over half the probability (greedy only; see the module's docstring).
     Returns:
         completions without line breaks (normalised: stripped; raw: right-stripped).
     """
@@ -297,8 +300,9 @@ class _Greedy:
         self.is_stop = torch.zeros(2, vocab, dtype=torch.bool, device=device)  # [raw mode, id]: ends the line
         for mode in (0, 1):
             self.is_stop[mode, [i for i in stops.for_mode(bool(mode)) if i < vocab]] = True
-        self.is_end = None  # [raw mode, id]: ends the line with no more text, summed by line_end "mass"
-        if line_end == "mass":
+        self.is_end = None  # [raw mode, id]: ends the line with no more text, summed by the line-end rules
+        self.line_end = line_end
+        if line_end != "token":
             self.is_end = torch.zeros_like(self.is_stop)
             for mode in (0, 1):
                 self.is_end[mode, [i for i in stops.line_end(bool(mode)) if i < vocab]] = True
@@ -412,7 +416,7 @@ class _Greedy:
         """The next id of each row (B,) from its logits (B, V), by the line-end rule."""
         if self.is_end is None:
             return logits.argmax(-1)
-        return line_end_pick(logits, self.is_end[modes])
+        return line_end_pick(logits, self.is_end[modes], self.line_end)
 
     def _forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: Cache) -> Tensor:
         """(B, V) logits of each row's last position; `mask` (B, 1, q, kv) True = attend, None = plain causal."""
@@ -476,7 +480,7 @@ def engine_complete(
         ids = encode_inputs(tok, [text], engine.context - max_new_tokens)[0]
         stop_now = set(stops.for_mode(raw)) - (stops.newline if raw else set())
         new: list[int] = []
-        kw = {"line_end": frozenset(stops.line_end(raw))} if line_end == "mass" else {}
+        kw = {"line_end": frozenset(stops.line_end(raw)), "line_end_rule": line_end} if line_end != "token" else {}
         for i in engine.stream(ids, max_new_tokens, stop_now, **kw):
             new.append(i)
             if raw and i in stops.newline:

@@ -83,6 +83,7 @@ def pick_next(
     top_p: float,
     generator: torch.Generator | None,
     line_end: torch.Tensor | None = None,
+    line_end_rule: str = "mass",
 ) -> int:
     """Next id from one row of logits (V,): argmax at temperature 0 (by the line-end rule when `line_end`, a (V,)
     bool mask of the ids that end the line, is given), else nucleus sampling."""
@@ -90,7 +91,7 @@ def pick_next(
         if line_end is not None:
             from distil_codegpt.evaluate.completion import line_end_pick  # evaluate imports this module
 
-            return int(line_end_pick(logits[None], line_end)[0])
+            return int(line_end_pick(logits[None], line_end, line_end_rule)[0])
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -236,8 +237,10 @@ class TorchEngine(Engine):
         seed: int | None = None,
         first_allowed: frozenset[int] | None = None,
         line_end: frozenset[int] | None = None,
+        line_end_rule: str = "mass",
     ) -> Iterator[int]:
-        """As `Engine.stream`; `line_end`: the ids that end the line, taken as one outcome by greedy decoding."""
+        """As `Engine.stream`; `line_end`: the ids that end the line, taken as one outcome by greedy decoding under
+        `line_end_rule` (`completion.line_end_pick`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         slot, reuse = self._slot(ids) if ids else (None, 0)
         self.cached_tokens = reuse
@@ -260,7 +263,7 @@ class TorchEngine(Engine):
             if step == 0 and line_end:
                 end = torch.zeros(logits.shape[-1], dtype=torch.bool)
                 end[[i for i in line_end if i < len(end)]] = True
-            nxt = pick_next(logits, temperature, top_p, gen, end if line_end else None)
+            nxt = pick_next(logits, temperature, top_p, gen, end if line_end else None, line_end_rule)
             if nxt in stop_ids:
                 return
             yield nxt
