@@ -13,20 +13,22 @@ import statistics
 from pathlib import Path
 
 from distil_codegpt.data.line_completion import read_examples
+from distil_codegpt.experiment.noise import eval_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep", help="a sweep directory")
-    ap.add_argument("models", nargs="+", help="model names under it (each with eval/predictions.txt)")
+    ap.add_argument("models", nargs="+", help="models (each with eval/) or evaluation directories under it")
     ap.add_argument("--long", type=int, default=100, help="a completion longer than this many characters runs on")
     args = ap.parse_args()
     root = Path(args.sweep)
     rows = []
     for name in args.models:
-        metrics = json.loads((root / name / "eval" / "metrics.json").read_text())
+        d = eval_dir(root / name)
+        metrics = json.loads((d / "metrics.json").read_text())
         n = int(metrics["n"])
-        rows.append((name, (root / name / "eval" / "predictions.txt").read_text(encoding="utf-8").split("\n")[:n]))
+        rows.append((name, (d / "predictions.txt").read_text(encoding="utf-8").split("\n")[:n]))
     gts = [ex.gt for ex in read_examples(metrics["test"])[:n]]
     print(f"| completions | mean length (chars) | over {args.long} chars (of {n}) |\n|---|---:|---:|")
     for name, texts in [("answers (gt)", gts), *rows]:

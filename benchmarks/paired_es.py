@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distil_codegpt.experiment.noise import REPS, example_scores, paired_bootstrap
+from distil_codegpt.experiment.noise import REPS, eval_dir, example_scores, paired_bootstrap
 
 
 def main() -> None:
@@ -26,9 +26,7 @@ def main() -> None:
     root = Path(args.sweep)
 
     def scores(name: str):  # noqa: ANN202
-        d = (
-            root / name if (root / name / "metrics.json").is_file() else root / name / "eval"
-        )  # an eval dir, or a model's
+        d = eval_dir(root / name)
         s = example_scores(d, json.loads((d / "metrics.json").read_text()))
         if s is None:
             raise SystemExit(f"{d}: no predictions.txt, or its test file is gone")

@@ -20,6 +20,11 @@ from distil_codegpt.evaluate.metrics import pair_scores
 REPS = 2000  # bootstrap draws: the 2.5/97.5 percentiles settle to about 0.1 ES at 500 examples
 
 
+def eval_dir(path: Path) -> Path:
+    """An evaluation directory: `path` itself when it holds metrics.json (`evaluate --out`), else a model's eval/."""
+    return path if (path / "metrics.json").is_file() else path / "eval"
+
+
 def example_scores(eval_dir: Path, metrics: dict[str, Any]) -> np.ndarray | None:
     """Each example's ES of one evaluation (predictions.txt against its test file's answers); None when either
     file is not there any more (a report over copied results)."""
