@@ -49,6 +49,7 @@ STUDY = {
     "correction_lr": 3e-4,
     "curve": [0.5],
     "seeds": [43],
+    "depth_variants": ["pick-influence", "pick-angular"],  # angular is among the variants: depth 1 only
     "untrained": False,
     "seq_len": 32,
     "batch_size": 4,
@@ -107,7 +108,9 @@ def test_every_variant_applies_its_overrides(study) -> None:
     sweep = json.loads((out / "sweep.json").read_text())
     names = [m["name"] for m in sweep["models"]]
     students = ["students/kd-1", "students/kd-2-at-256", "students/kd-2"]
-    assert names == ["teacher", *students, *[f"students/2-{v}" for v in VARIANTS], "students/kd-2-seed43"]
+    variants = [f"students/2-{v}" for v in VARIANTS]
+    depth = ["students/1-pick-influence", "students/2-pick-influence", "students/1-pick-angular"]
+    assert names == ["teacher", *students, *variants, "students/kd-2-seed43", *depth]
     teacher = out.parent / "cache" / "teachers" / "smollm2-fp32"
     assert calls == ["smollm2"] and sweep["teacher"]["model"] == "fetch:smollm2" and sweep["teacher"]["layers"] == 4
     cache = str(out / "teacher-cache")
@@ -128,6 +131,9 @@ def test_every_variant_applies_its_overrides(study) -> None:
     assert angular["distil_pick"] == "angular" and _config(out, "students/2-pick-angular")["student"].endswith(
         "angular"
     )
+    influence = json.loads((out / "students" / "init-1-influence" / "config.json").read_text())
+    assert (influence["distil_pick"], influence["num_hidden_layers"]) == ("influence", 1)
+    assert _config(out, "students/1-pick-influence")["student"] == str(out / "students" / "init-1-influence")
     random_init = json.loads((out / "students" / "init-2-random" / "config.json").read_text())
     assert random_init["distil_init"] == "random" and random_init["num_hidden_layers"] == 2
     assert json.loads((out / "students/2-ce-only/run.json").read_text())["stage"] == "train"
@@ -230,7 +236,8 @@ def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: py
     assert names == ["teacher", "students/kd-6", "students/kd-10-at-14336", "students/kd-10-at-28672",
                      "students/kd-10", "students/kd-15", "students/kd-20",
                      *[f"students/10-{v}" for v in [*variants.split(), "random-init"]],
-                     "students/kd-10-seed43", "students/10-in-training-seed43"]  # fmt: skip
+                     "students/kd-10-seed43", "students/10-in-training-seed43",
+                     *[f"students/{k}-pick-influence" for k in (6, 15, 20)]]  # fmt: skip
     tokens = {m.name: m.tokens for m in models if m.tokens}
     assert tokens["students/kd-6"] == tokens["students/10-ce-only"] == 57_344
     assert tokens["students/10-longer"] == 114_688 and tokens["students/kd-10-at-14336"] == 14_336

@@ -487,6 +487,9 @@ class SweepConfig:
     )
     seeds: list[int] = opt([], "extra seeds: the models in seed_variants are trained again with each")
     seed_variants: list[str] = opt(["main"], "what seeds repeats: main (the variant_layers student) or variants")
+    depth_variants: list[str] = opt(
+        [], "variants also trained at every depth of students (e.g. pick-influence: does a finding hold at each depth)"
+    )
     untrained: bool = opt(True, "evaluate an untrained model of the teacher's shape (a floor)")
     pretrain_steps: int = opt(0, "pretrained-weights variant: CLM steps before KD (0 = the students' steps)")
     low_temperature: float = opt(1.0, "temperature of the low-temperature variant")
@@ -534,6 +537,8 @@ class SweepConfig:
             _check(v in VARIANTS, "variants", v, f"choose from {', '.join(VARIANTS)}")
         for v in self.seed_variants:
             _check(v == "main" or v in self.variants, "seed_variants", v, "use main or names listed in variants")
+        for v in self.depth_variants:
+            _check(v in VARIANTS, "depth_variants", v, f"choose from {', '.join(VARIANTS)}")
         for k in self.students:
             _check(k >= 1, "students", k, "use depths of 1 or more")
         for f in self.curve:

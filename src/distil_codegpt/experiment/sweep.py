@@ -232,6 +232,9 @@ class Sweep:
         for seed in c.seeds:
             for v in c.seed_variants:
                 models.append(self._model(c.variant_layers, v, MAIN if v == "main" else VARIANTS[v], seed))
+        for v in c.depth_variants:  # last: a finding at variant_layers, tried at the other depths
+            depths = [k for k in c.students if k != c.variant_layers or v not in c.variants]
+            models += [self._model(k, v, VARIANTS[v], c.seed) for k in depths]
         return models
 
     def _model(self, k: int, name: str, v: Variant, seed: int, curve: bool = False) -> Model:
