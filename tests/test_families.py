@@ -150,5 +150,5 @@ def test_student_records_the_data_pick(pick, tiny_data, tmp_path):
 
 def test_data_pick_without_data_says_so(tmp_path):
     teacher = save_family(tmp_path / "t", "tiny-llama", 4)
-    with pytest.raises(ConfigError, match=r"^pick: influence scores the teacher's blocks on code; pass --data DIR"):
+    with pytest.raises(ConfigError, match=r"^data: --pick influence is measured on code; pass --data DIR"):
         build_student(StudentConfig(teacher=str(teacher), out=str(tmp_path / "s"), layers=2, pick="influence"))

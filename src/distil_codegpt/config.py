@@ -141,9 +141,18 @@ class StudentConfig:
         "which teacher layers: uniform | first | last | influence (ShortGPT block influence) | angular (drop the "
         "closest run of blocks, Gromov et al.) | a list like 0,2,4,7,9,11; influence and angular need --data",
     )
-    data: str = opt("", "corpus directory whose dev windows score the blocks for --pick influence|angular")
+    ffn: int = opt(0, "MLP width of each block: keep the N most important neurons (0 = the teacher's); needs --data")
+    heads: int = opt(
+        0, "query heads of each block, in whole KV groups: keep the most important (0 = the teacher's); needs --data"
+    )
+    hidden: int = opt(
+        0,
+        "hidden size: keep the N most important residual channels (0 = the teacher's; llama, mistral, qwen2); "
+        "needs --data",
+    )
+    data: str = opt("", "corpus directory whose dev windows calibrate --pick influence|angular and width cuts")
     tokenizer: str = opt("", "tokenizer for --data (default: the teacher's own)")
-    pick_windows: int = opt(16, "dev windows the influence/angular scores average over")
+    pick_windows: int = opt(16, "dev windows the layer and width scores average over")
     pick_seq_len: int = opt(256, "tokens per scoring window")
     init_from: str = opt(
         "", "start from this pretrained model's weights instead (the 'Pretrained-Weights' variant)", aliases=["--from"]
@@ -163,6 +172,8 @@ class StudentConfig:
         )
         for name in ("pick_windows", "pick_seq_len"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
+        for name in ("ffn", "heads", "hidden"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 (the teacher's) or a positive size")
         if self.pick not in NAMED_PICKS:
             idx = [int(i) for i in self.pick.split(",")]
             _check(len(idx) == self.layers, "pick", self.pick, f"list exactly --layers {self.layers} indices")

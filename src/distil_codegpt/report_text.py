@@ -60,9 +60,14 @@ def print_prepare(s: dict[str, Any]) -> None:
 
 def print_student(s: dict[str, Any], out: str) -> None:
     picked = f", teacher layers {s['layer_map']}" if s.get("layer_map") else ""
+    shape, full = s.get("shape") or {}, s.get("teacher_shape") or {}
+    cut = [k for k in ("ffn", "heads", "hidden") if shape.get(k) != full.get(k)]
+    widths = ", ".join(f"{k} {shape[k]} of {full[k]}" for k in cut)
+    compute = f"{100 * s['compute_share']:.1f}% of the teacher's compute per token" if "compute_share" in s else ""
     print(
-        f"student ({s['init']}): {s['layers']} layers{picked}, {s['params']:,} parameters"
-        f" ({s['size_mb']:.1f} MB fp32; teacher {s['teacher_params']:,})\n  written to {out}"
+        f"student ({s['init']}): {s['layers']} layers{picked}{', ' + widths if widths else ''}\n"
+        f"  {s['params']:,} parameters ({s['size_mb']:.1f} MB fp32; teacher {s['teacher_params']:,})"
+        f"{', ' + compute if compute else ''}\n  written to {out}"
     )
 
 

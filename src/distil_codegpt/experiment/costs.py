@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from distil_codegpt.config import ConfigError
+from distil_codegpt.model import shape
 
 COST_HEADER = [
     "Model",
@@ -34,20 +37,10 @@ def macs_per_token(model_dir: str | None) -> int | None:
     config.json of a supported family (an exported engine, a hub id)."""
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         return None
-    from transformers import AutoConfig
-
-    from distil_codegpt.model import families
-
     try:
-        config = AutoConfig.from_pretrained(model_dir)
-        fam = families.family(config)
+        return shape.macs_per_token(AutoConfig.from_pretrained(model_dir))
     except (OSError, ValueError, ConfigError):
         return None
-    w, q, kv = families.width(config), families.n_heads(config), families.n_kv_heads(config)
-    hd = families.head_dim(config)
-    attention = w * (q + 2 * kv) * hd + q * hd * w  # q, k, v in; o out
-    mlp = len(fam.mlp) * w * families.ffn_width(config)
-    return families.depth(config) * (attention + mlp) + w * int(config.vocab_size)
 
 
 def cost_fields(m: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:

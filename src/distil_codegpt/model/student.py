@@ -10,6 +10,7 @@ with no code of ours. Which blocks: fixed rules (uniform, first, last, a list) o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -20,8 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from distil_codegpt.config import ConfigError, StudentConfig, UserError, to_dict
+from distil_codegpt.data.shards import TokenShard, ensure_shards
 from distil_codegpt.data.tokenizer import copy_tokenizer
-from distil_codegpt.model import families
+from distil_codegpt.model import families, shape
+from distil_codegpt.model.importance import Importance, measure
+from distil_codegpt.model.layer_scores import angular_pick, influence_pick
 from distil_codegpt.model.presets import (
     count_params,
     load_model,
@@ -79,44 +83,60 @@ def layer_map(model: PreTrainedModel | PretrainedConfig) -> list[int] | None:
     return list(found) if found else None
 
 
-def copy_weights(source: PreTrainedModel, student: PreTrainedModel, picked: list[int]) -> None:
-    """Copy embeddings, final norm, LM head and block picked[i] -> student block i, checking every shape.
+def copy_weights(source: PreTrainedModel, student: PreTrainedModel, cut: shape.Cut | list[int]) -> None:
+    """Copy embeddings, final norm, LM head and block cut.picked[i] -> student block i, each cut to the student's
+    widths (model/shape.py), checking every shape.
 
     Works whether or not the LM head is tied: a tied head appears in both state dicts as the same tensor as the
     input embedding, so it is simply written twice with the same values.
     """
+    cut = cut if isinstance(cut, shape.Cut) else shape.Cut(picked=list(cut))
     src = source.state_dict()
     block = re.compile(rf"^{re.escape(families.block_prefix(student))}(\d+)\.")
     prefix = families.block_prefix(source)
+    embeddings = {families.embedding_key(source)}
+    if source.get_output_embeddings() is not None:
+        embeddings.add(families.head_key(source))
+    scales = cut.norm_scale or {}
     with torch.no_grad():
         for key, tensor in student.state_dict().items():
             found = block.match(key)
-            src_key = f"{prefix}{picked[int(found[1])]}.{key[found.end() :]}" if found else key
+            if found:
+                layer, rel = int(found[1]), key[found.end() :]
+                src_key = f"{prefix}{cut.picked[layer]}.{rel}"
+            else:
+                src_key = key
             if src_key not in src:
                 raise RuntimeError(f"student tensor {key} has no source tensor {src_key}; the models are not alike")
-            if src[src_key].shape != tensor.shape:
-                shapes = f"{tuple(tensor.shape)} vs {tuple(src[src_key].shape)}"
+            if found:
+                scale = scales.get(src_key.rpartition(".")[0])
+                value = shape.slice_block(source.config, rel, src[src_key], layer, cut, scale)
+            else:
+                value = shape.cut_tensor(source.config, src_key, src[src_key], cut, embeddings)
+            if value.shape != tensor.shape:
+                shapes = f"{tuple(tensor.shape)} vs {tuple(value.shape)}"
                 raise RuntimeError(f"shape mismatch: student {key} vs source {src_key}: {shapes}")
-            tensor.copy_(src[src_key])
+            tensor.copy_(value)
+
+
+def calibration_batches(cfg: StudentConfig, model: PreTrainedModel, why: str) -> list[torch.Tensor]:
+    """--pick-windows dev windows of --data, the calibration set of the data picks and of width importance."""
+    if not cfg.data:
+        raise ConfigError(f"data: {why} is measured on code; pass --data DIR (a corpus)")
+    tok_dir = cfg.tokenizer or (resolve_model(cfg.teacher, role="teacher") if looks_local(cfg.teacher) else "")
+    if not tok_dir:
+        raise ConfigError(f"tokenizer: missing for {why} with a hub teacher; pass --tokenizer DIR")
+    dev = TokenShard(ensure_shards(cfg.data, tok_dir, ("dev",)), "dev")
+    seq_len = min(cfg.pick_seq_len, families.context(model), len(dev) - 1)
+    if seq_len < 2:
+        raise UserError(f"data: {cfg.data}'s dev split has {len(dev)} tokens; too few to measure {why} on")
+    rng = np.random.default_rng(cfg.seed)
+    return [dev.random_batch(min(4, cfg.pick_windows - i), seq_len, rng)[0] for i in range(0, cfg.pick_windows, 4)]
 
 
 def data_pick(cfg: StudentConfig, model: PreTrainedModel) -> tuple[list[int], list[float]]:
     """(picked blocks, their scores) for --pick influence|angular, from --pick-windows dev windows of --data."""
-    from distil_codegpt.data.shards import TokenShard, ensure_shards
-
-    if not cfg.data:
-        raise ConfigError(f"pick: {cfg.pick} scores the teacher's blocks on code; pass --data DIR (a corpus)")
-    tok_dir = cfg.tokenizer or (resolve_model(cfg.teacher, role="teacher") if looks_local(cfg.teacher) else "")
-    if not tok_dir:
-        raise ConfigError(f"tokenizer: missing for --pick {cfg.pick} with a hub teacher; pass --tokenizer DIR")
-    dev = TokenShard(ensure_shards(cfg.data, tok_dir, ("dev",)), "dev")
-    seq_len = min(cfg.pick_seq_len, families.context(model), len(dev) - 1)
-    if seq_len < 2:
-        raise UserError(f"data: {cfg.data}'s dev split has {len(dev)} tokens; too few to score layers on")
-    rng = np.random.default_rng(cfg.seed)
-    batches = [dev.random_batch(min(4, cfg.pick_windows - i), seq_len, rng)[0] for i in range(0, cfg.pick_windows, 4)]
-    from distil_codegpt.model.layer_scores import angular_pick, influence_pick
-
+    batches = calibration_batches(cfg, model, f"--pick {cfg.pick}")
     fn = influence_pick if cfg.pick == "influence" else angular_pick
     return fn(model, batches, cfg.layers)
 
@@ -148,7 +168,13 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
             picked, scores = data_pick(cfg, source)
         else:
             picked = pick_layers(families.depth(source), cfg.layers, cfg.pick, source=label)
-    config = families.with_depth(source.config, picked or list(range(cfg.layers)))
+    want = shape.resolve(source.config, cfg.layers, cfg.ffn, cfg.heads, cfg.hidden)
+    full = shape.shape_of(source.config)
+    imp: Importance | None = None
+    if (want.ffn, want.heads, want.hidden) != (full.ffn, full.heads, full.hidden) and init != "random":
+        imp = measure(source, calibration_batches(cfg, source, "width importance (--ffn/--heads/--hidden)"))
+    cut = shape.choose(source.config, picked, want, imp) if picked is not None else shape.Cut(list(range(cfg.layers)))
+    config = shape.cut_config(families.with_depth(source.config, cut.picked), want)
     config.distil_init = init
     config.distil_teacher = cfg.teacher
     config.distil_init_from = cfg.init_from or None
@@ -158,11 +184,13 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
     config.distil_source_layers = picked
     config.distil_pick = cfg.pick if init != "random" else None
     config.distil_pick_scores = scores  # influence: BI per block; angular: distance per start of the dropped run
+    # the residual-stream channels kept (a hidden cut): the local stage reads the teacher's states through them
+    config.distil_hidden_kept = cut.hidden
 
     torch.manual_seed(cfg.seed)
     student = AutoModelForCausalLM.from_config(config)
     if picked is not None:
-        copy_weights(source, student, picked)
+        copy_weights(source, student, cut)
 
     out.mkdir(parents=True, exist_ok=True)
     save_model(student, out)  # each file whole: a rerun over a damaged student keeps no half-written one
@@ -180,9 +208,37 @@ def build_student(cfg: StudentConfig) -> dict[str, Any]:
         "family": families.family(teacher).name,
         "teacher_params": count_params(teacher),
         "tokenizer_files": tokenizer_files,
+        "shape": dataclasses.asdict(want),
+        "teacher_shape": dataclasses.asdict(shape.shape_of(teacher.config)),
+        "macs_per_token": shape.macs_per_token(config),
+        "compute_share": shape.macs_per_token(config) / shape.macs_per_token(teacher.config),
+        **_cut_record(cut, imp),
     }
     write_manifest(out, "student", to_dict(cfg), summary, time.perf_counter() - start, cfg.seed)
     return summary
+
+
+def _cut_record(cut: shape.Cut, imp: Importance | None) -> dict[str, Any]:
+    """What a width cut kept, and the share of each block's measured importance that it kept."""
+    if imp is None:
+        return {}
+
+    def share(scores: torch.Tensor, kept: list[int]) -> float:
+        total = float(scores.sum())
+        return round(float(scores[kept].sum()) / total, 4) if total > 0 else 1.0
+
+    record: dict[str, Any] = {"importance_tokens": imp.tokens, "kept": {}, "kept_importance_share": {}}
+    for name, per_block, scores in (("ffn", cut.ffn, imp.ffn), ("units", cut.units, imp.units)):
+        if per_block is not None:
+            record["kept"][name] = per_block
+            record["kept_importance_share"][name] = [share(scores[t], k) for t, k in zip(cut.picked, per_block)]
+    record["importance"] = {"units": [[round(float(v), 5) for v in row] for row in imp.units]}
+    if cut.hidden is not None:
+        record["kept"]["hidden"] = cut.hidden
+        record["kept_importance_share"]["hidden"] = share(imp.hidden, cut.hidden)
+        record["importance"]["hidden"] = [round(float(v), 5) for v in imp.hidden]
+        record["norm_scale"] = {k: round(v, 6) for k, v in (cut.norm_scale or {}).items()}
+    return record
 
 
 def _check_same_width(teacher: PretrainedConfig, other: PretrainedConfig, name: str) -> None:
