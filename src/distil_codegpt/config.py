@@ -279,6 +279,14 @@ class DistilConfig(LoopConfig):
     alpha_mse: float = opt(0.0, "weight of the MSE between logits")
     cos_layers: str = opt("last", "hidden states matched by the cosine loss: last | all (every student layer)")
     teacher_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = same as lr)")
+    stage: Literal["global", "local"] = opt(
+        "global",
+        "global = KD on the logits; local = each student block learns the teacher's map from the hidden state "
+        "entering its span of teacher blocks to the one leaving it (blockwise, before global KD; needs --teacher)",
+    )
+    local_loss: Literal["nmse", "cosine"] = opt(
+        "nmse", "local stage loss per block: nmse (error / the teacher's update of the stream) or cosine"
+    )
 
     def resolved(self) -> bool:
         """Whether every recipe-dependent weight holds a value (no -1 left) and the recipe is named."""
@@ -319,6 +327,9 @@ class DistilConfig(LoopConfig):
         if -1 not in weights:  # all given: check now (else once the recipe fills them in, `resolve`)
             _check(sum(weights) > 0, "alpha_ce", self.alpha_ce, ALL_ZERO)
         _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
+        if self.stage == "local":
+            _check(not self.teacher_cache, "teacher_cache", self.teacher_cache, "the local stage needs --teacher")
+            _check(self.teacher_mode == "frozen", "teacher_mode", self.teacher_mode, "the local stage uses frozen")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from distil_codegpt.distill.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from distil_codegpt.distill.local import LocalStage
 from distil_codegpt.distill.losses import (
     LossWeights,
     SparseTargets,
@@ -174,6 +175,11 @@ class Trainer:
         if self.kept is not None and self.cache is not None:
             raise ConfigError("teacher_cache: a student with a trimmed head distils from the teacher; pass --teacher")
         self.chunk = loss_chunk(cfg.loss_chunk, self._head(student).size(0))
+        self.local = None
+        if self.kd and cfg.stage == "local":
+            if teacher is None:
+                raise ConfigError("stage: local trains each block on the teacher's hidden states; pass --teacher")
+            self.local = LocalStage(student, teacher, cfg.local_loss)
         if teacher is not None:
             pad_vocab(teacher, pad_multiple(cfg.pad_vocab, rt.device, teacher))
         self.student = student.to(rt.device).train()
@@ -226,6 +232,9 @@ class Trainer:
         if not self.kd:
             loss = self._clm(self.student, self._run(self.s_model, x, False), y)
             return loss, None, {"loss": loss.item(), "clm": loss.item()}
+        if self.local is not None:
+            loss, parts = self.local(self.s_model, self.t_model, x)
+            return loss, None, parts
         assert self.weights is not None
         want_hidden = self.weights.alpha_cos > 0
         sparse = SparseTargets(*batch[2:]) if self.cache is not None else None
@@ -416,7 +425,8 @@ class Trainer:
             _log(log, None, {"step": 0, "tokens": 0, **initial})
         writer = _tensorboard(out) if rt.main and cfg.tensorboard else None
         start, last_t, last_tokens = time.perf_counter(), time.perf_counter(), self.tokens
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="distil" if self.kd else "train", disable=not rt.main)
+        desc = "local" if self.local is not None else "distil" if self.kd else "train"
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=desc, disable=not rt.main)
         record: dict[str, Any] = {}
         reason = "max_steps"
         try:

@@ -25,25 +25,37 @@ from torch import nn
 from distil_codegpt.model import families
 
 
-@torch.inference_mode()
-def residual_cosines(model: nn.Module, batches: Iterable[torch.Tensor], n_gap: int | None) -> dict[str, torch.Tensor]:
-    """Mean cosines over tokens: "adjacent" (N,) between x^i and x^{i+1}; "gap" (N - n_gap + 1,) between x^l and
-    x^{l+n_gap} (when n_gap is given)."""
+def residual_stream(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """x^0 .. x^N of `model` on token ids x (B, T): each block's input, then the last block's output (before the
+    final norm), each (B, T, H). Runs under the caller's grad mode."""
     blocks = families.blocks(model)
     n = len(blocks)
     states: list[torch.Tensor | None] = [None] * (n + 1)
 
-    def grab_input(i: int):
-        def hook(_module, args, kwargs):
+    def grab_input(i: int):  # noqa: ANN202
+        def hook(_module, args, kwargs):  # noqa: ANN001, ANN202
             states[i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 
-    def grab_output(_module, _args, output):
+    def grab_output(_module, _args, output):  # noqa: ANN001, ANN202
         states[n] = output[0] if isinstance(output, tuple) else output
 
     handles = [b.register_forward_pre_hook(grab_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(grab_output))
+    try:
+        model(input_ids=x, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return states  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def residual_cosines(model: nn.Module, batches: Iterable[torch.Tensor], n_gap: int | None) -> dict[str, torch.Tensor]:
+    """Mean cosines over tokens: "adjacent" (N,) between x^i and x^{i+1}; "gap" (N - n_gap + 1,) between x^l and
+    x^{l+n_gap} (when n_gap is given)."""
+    n = len(families.blocks(model))
     adjacent = torch.zeros(n, dtype=torch.float64)
     gap = torch.zeros(n - n_gap + 1, dtype=torch.float64) if n_gap else None
     tokens = 0
@@ -51,8 +63,7 @@ def residual_cosines(model: nn.Module, batches: Iterable[torch.Tensor], n_gap: i
     model.eval()
     try:
         for x in batches:
-            model(input_ids=x, use_cache=False, logits_to_keep=1)
-            hs = [s.float().reshape(-1, s.size(-1)) for s in states]  # each (B*T, H)
+            hs = [s.float().reshape(-1, s.size(-1)) for s in residual_stream(model, x)]  # each (B*T, H)
             tokens += hs[0].size(0)
             for i in range(n):
                 adjacent[i] += nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).double().sum()
@@ -61,8 +72,6 @@ def residual_cosines(model: nn.Module, batches: Iterable[torch.Tensor], n_gap: i
                     cos = nn.functional.cosine_similarity(hs[lo], hs[lo + n_gap], dim=-1).clamp(-1, 1)
                     gap[lo] += (torch.arccos(cos) / math.pi).double().sum()
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     if tokens == 0:
         raise ValueError("no dev windows to score the layers on")

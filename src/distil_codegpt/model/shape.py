@@ -73,7 +73,13 @@ def resolve(config: PretrainedConfig, layers: int, ffn: int, heads: int, hidden:
                 f"{name}: a {fam} model derives its head size from hidden / heads, so it cannot keep the teacher's "
                 f"heads at another {name}; cut --layers or --ffn, or use a {'/'.join(WIDTH_CUT_FAMILIES)} teacher"
             )
-    n_units, per = families.head_units(config)
+    _, per = families.head_units(config)
+    if fam == "llama" and (want.heads, want.hidden) != (t.heads, t.hidden) and want.hidden % want.heads:
+        lo = want.hidden - want.hidden % want.heads
+        raise ConfigError(
+            f"hidden: {want.hidden} is not a multiple of the {want.heads} query heads kept, which transformers' "
+            f"Llama config requires; use {lo} or {lo + want.heads}"
+        )
     if want.heads % per:
         raise ConfigError(
             f"heads: {want.heads} is not allowed; {per} query heads share each KV head, so keep a multiple of {per} "
