@@ -175,7 +175,7 @@ VERBS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "sweep": (SweepConfig, _sweep, "the whole study from one YAML config: data, teacher, students, variants, report"),
     "report": (ReportConfig, _report, "results.md, results.csv and plots from a sweep directory"),
     "compress": (CompressConfig, _compress, "smaller weights for local use: fp16/bf16, int8 quantization, pruning"),
-    "export": (ExportConfig, _export, "export to a fast local engine (CTranslate2)"),
+    "export": (ExportConfig, _export, "export to a fast local engine (CTranslate2) or a GGUF file"),
     "complete": (CompleteConfig, _complete, "complete the current line of real code (FILE[:LINE[:COL]] or stdin)"),
     "serve": (ServeConfig, _serve, "completions for editors over HTTP: OpenAI, llama.cpp and Ollama APIs (loopback)"),
     "import": (ImportConfig, _import, "GGUF file (llama.cpp) -> plain HF model dir: dequantised weights, tokenizer"),

@@ -633,16 +633,32 @@ class CompressConfig:
 
 @dataclass
 class ExportConfig:
-    """Export a model to a fast local inference engine."""
+    """A CTranslate2 artifact directory, or (--format gguf) one .gguf file for llama.cpp, Ollama and LM Studio with an
+    Ollama Modelfile beside it."""
 
-    model: str = opt("", "model directory (gpt2, llama, mistral, qwen2)", required=True)
-    out: str = opt("", "output artifact directory", required=True)
-    format: Literal["ctranslate2", "onnx"] = opt("ctranslate2", "target engine")
-    quantize: Literal["none", "int8"] = opt("none", "int8 weights in the exported engine")
+    model: str = opt(
+        "", "model directory (ctranslate2: gpt2, llama, mistral, qwen2; gguf: llama, mistral, qwen2)", required=True
+    )
+    out: str = opt("", "output artifact directory (ctranslate2) or FILE.gguf (gguf)", required=True)
+    format: Literal["ctranslate2", "onnx", "gguf"] = opt("ctranslate2", "target engine or file format")
+    quantize: Literal["none", "int8"] = opt("none", "ctranslate2: int8 weights in the exported engine")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = opt(
+        "f16", "gguf: weight type of the matrices (norms and biases stay f32; q4_0 keeps the output head q8_0)"
+    )
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
-        _require(self.out, "out", "pass --out DIR")
+        _require(self.out, "out", "pass --out DIR" + (" or --out FILE.gguf" if self.format == "gguf" else ""))
+        if self.format == "gguf":
+            _check(self.out.endswith(".gguf"), "out", self.out, "name the file FILE.gguf")
+            _check(self.quantize == "none", "quantize", self.quantize, "for --format gguf pass --quant q8_0 or q4_0")
+        else:
+            _check(
+                self.quant == "f16",
+                "quant",
+                self.quant,
+                f"--quant is for --format gguf; for {self.format} use --quantize",
+            )
 
 
 QUANTIZE_HELP = (

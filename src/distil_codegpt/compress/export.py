@@ -6,6 +6,9 @@ the loop. gpt_neox (Pythia) is refused with one line: CTranslate2 4.8's converte
 `model.embed_out`, which transformers 5 moved (to `rope_parameters` and `lm_head`). The artifact holds the
 converted weights (`model.bin`, `vocabulary.json`), the model's tokenizer, `engine.json` (what `load_engine`
 reads) and `run.json`. ONNX Runtime is registered as an engine name but not built yet.
+
+`--format gguf` writes one GGUF file instead (model/gguf_export.py) with an Ollama Modelfile beside it, for
+llama.cpp, Ollama and LM Studio.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from distil_codegpt.artifacts import first_line, read_json
 from distil_codegpt.config import ExportConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.model import families
+from distil_codegpt.model.gguf_export import commands, write_gguf
 from distil_codegpt.model.presets import count_params, load_model, looks_local, model_size_mb
 from distil_codegpt.runinfo import write_manifest
 from distil_codegpt.serve.engine import ENGINE_FILE, Engine, write_engine_spec
@@ -64,7 +68,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     if cfg.format == "onnx":
-        raise UserError("format: the onnx export is not built yet; use --format ctranslate2")
+        raise UserError("format: the onnx export is not built yet; use --format ctranslate2 or gguf")
+    if cfg.format == "gguf":
+        return _export_gguf(cfg, t0)
     out = Path(cfg.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out: {out} already exists and is not empty; pass a new --out or remove it")
@@ -124,6 +130,34 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     return summary
 
 
+def _export_gguf(cfg: ExportConfig, t0: float) -> dict[str, Any]:
+    """One .gguf file (written whole or not at all) and its Modelfile; the summary is what `print_export` shows."""
+    out = Path(cfg.out).expanduser()
+    if out.exists():
+        raise UserError(f"out: {out} already exists; pass a new --out FILE.gguf or remove it")
+    model = load_model(cfg.model, role="model", dtype=torch.float32)
+    fam = families.family(model).name
+    if not looks_local(cfg.model):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+    else:
+        tok = load_tokenizer(cfg.model)
+    summary: dict[str, Any] = {
+        "format": "gguf",
+        "quant": cfg.quant,
+        "family": fam,
+        "source": str(Path(cfg.model).resolve()) if looks_local(cfg.model) else cfg.model,
+        "params": count_params(model),
+        "source_mb": model_size_mb(model),
+        **write_gguf(model, tok, out, cfg.quant, cfg.model.rstrip("/")),
+    }
+    summary["disk_mb"] = summary["bytes"] / 1e6
+    summary["commands"] = commands(out)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
 def _check_vocabulary(path: Path, tok: Any) -> None:
     """The engine is fed token strings, so CTranslate2's vocabulary must list exactly the tokenizer's, id by id.
 
@@ -138,7 +172,19 @@ def _check_vocabulary(path: Path, tok: Any) -> None:
 
 
 def print_export(summary: dict[str, Any], out: str | Path) -> None:
-    """Two lines a person reads after `distil-codegpt export`; the full summary is in run.json."""
+    """Two lines a person reads after `distil-codegpt export` (the full summary is in run.json); a GGUF export
+    also prints how to run the file in llama.cpp, Ollama and LM Studio."""
+    if summary["format"] == "gguf":
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items()))
+        fim = f"FIM {summary['fim']}" if summary["fim"] else "no FIM tokens"
+        print(
+            f"export: gguf {summary['quant']} ({summary['architecture']}, {types}), {summary['params']:,} params, "
+            f"{summary['disk_mb']:.2f} MB (source {summary['source_mb']:.2f} MB fp32), context {summary['context']}, "
+            f"pre-tokenizer {summary['pre_tokenizer']}, {fim}, {summary['seconds']:.1f} s\n  written to {out}\n"
+            f"  Ollama Modelfile: {summary['modelfile']}\n  run it with:\n"
+            + "\n".join(f"    {c}" for c in summary["commands"])
+        )
+        return
     print(
         f"export: {summary['format']} ({'int8' if summary['quantize'] == 'int8' else 'fp32'} weights), "
         f"{summary['params']:,} params, {summary['disk_mb']:.2f} MB on disk (source {summary['source_mb']:.2f} MB "
