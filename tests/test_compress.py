@@ -19,15 +19,12 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from distil_codegpt.compress.prune import (
-    HEADS_KEY,
-    apply_pruned_heads,
     block_matrices,
     choose_heads,
     dev_batches,
     head_importance,
     magnitude_prune,
     mask_heads,
-    unit_name,
 )
 from distil_codegpt.compress.quantize import (
     QuantizedTorchEngine,
@@ -53,6 +50,7 @@ from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_train
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import count_params, preset_config
+from distil_codegpt.model.shape import HEADS_KEY, apply_pruned_heads, unit_name
 from distil_codegpt.serve.engine import TorchEngine, load_engine
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2", "tiny-neox"]

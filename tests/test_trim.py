@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM
 
 from distil_codegpt.compress.quantize import is_int8_linear, load_int8, quantize_int8
 from distil_codegpt.compress.run import run_compress
-from distil_codegpt.compress.trim import KEPT_FILE, TrimmedHead, kept_ids, kept_mask, trim_head
 from distil_codegpt.config import CompressConfig, DistilConfig, EvaluateConfig, UserError, build_config
 from distil_codegpt.data.shards import TokenShard
 from distil_codegpt.data.tokenizer import load_tokenizer
@@ -25,6 +24,7 @@ from distil_codegpt.distill.run import run_distil
 from distil_codegpt.evaluate.completion import complete
 from distil_codegpt.evaluate.run import run_evaluate
 from distil_codegpt.model.presets import load_model, preset_config
+from distil_codegpt.model.vocab_trim import KEPT_FILE, TrimmedHead, kept_ids, kept_mask, trim_head
 
 V = 300
 

@@ -147,3 +147,8 @@ def load_torch_file(path: str | Path, *, fix: str, weights_only: bool = True) ->
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except TORCH_LOAD_ERRORS as e:
         raise UserError(f"{path}: damaged ({first_line(e)}); {fix}") from e
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path the user meant as a path (so a typo is reported as a missing directory, not a hub lookup)."""
+    return Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "~", "."))

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from distil_codegpt.config import ConfigError, DistilConfig, UserError, build_config
+from distil_codegpt.config import ConfigError, DistilConfig, build_config
 from distil_codegpt.model import families
-
-HEADS_KEY = "distil_pruned_heads"  # config.json: {"layer": [unit, ...]}
+from distil_codegpt.model.importance import measure
+from distil_codegpt.model.shape import HEADS_KEY, pruned_units, unit_name, unit_weight_slice
 
 Masks = dict[str, torch.Tensor]  # parameter name -> 1 where the weight lives, 0 where it was pruned
 
@@ -76,20 +76,10 @@ def sparsity(model: PreTrainedModel) -> float:
     return sum(int((w == 0).sum()) for w in mats) / sum(w.numel() for w in mats)
 
 
-def unit_name(obj: nn.Module | PretrainedConfig) -> str:
-    """What messages call a head unit of this model: "heads", or "KV groups" under grouped-query attention."""
-    return "KV groups" if families.head_units(obj)[1] > 1 else "heads"
-
-
-def _slice(model: PreTrainedModel, units: list[int], module: str) -> tuple[str, str, int, torch.Tensor]:
-    """The weight slice of `module` that the units occupy (families.unit_slices)."""
-    return next(s for s in families.unit_slices(model, units) if s[0] == module and s[1] == "weight")
-
-
 def _value_rows(model: PreTrainedModel, block: nn.Module, unit: int) -> torch.Tensor:
     """The value-projection weights of one unit, (rows, width), whatever the q/k/v layout."""
     fam, hd = families.family(model), families.head_dim(model)
-    name, _, dim, idx = _slice(model, [unit], fam.attn_in[-1])  # v_proj, or the fused q/k/v matrix
+    name, _, dim, idx = unit_weight_slice(model, [unit], fam.attn_in[-1])  # v_proj, or the fused q/k/v matrix
     w = families.matrix_weight(block, name).index_select(dim, idx.to(block.get_submodule(name).weight.device))
     w = w.t() if dim == 1 else w  # Conv1D (in, out) -> (out, in)
     if fam.fused_qkv == "blocked":  # the unit's rows of [q | k | v]: the last third
@@ -104,7 +94,8 @@ def head_importance(model: PreTrainedModel, batches: list[torch.Tensor] | None =
     """(layers, units) scores; the lowest are pruned first.
 
     With batches: the mean L2 norm of each unit's contribution to the residual stream (its heads' attention output
-    times their inputs of the output projection), which is what removing the unit takes away. Without data: the
+    times their inputs of the output projection), which is what removing the unit takes away (model/importance.py,
+    the criterion of the width cuts too). Without data: the
     product of the Frobenius norms of the unit's value rows and output-projection inputs, a bound of that
     contribution's scale.
     """
@@ -115,38 +106,11 @@ def head_importance(model: PreTrainedModel, batches: list[torch.Tensor] | None =
         for i, block in enumerate(families.blocks(model)):
             w_o = families.matrix_weight(block, fam.attn_out)
             for u in range(n_units):
-                _, _, dim, idx = _slice(model, [u], fam.attn_out)
+                _, _, dim, idx = unit_weight_slice(model, [u], fam.attn_out)
                 o_norm = w_o.index_select(dim, idx.to(w_o.device)).norm()
                 scores[i, u] = float(_value_rows(model, block, u).norm() * o_norm)
         return scores
-    sums, count = torch.zeros(n_layer, n_units), 0
-    width = per * families.head_dim(model)  # a unit's share of the concatenated head outputs
-
-    def hook(i: int) -> Any:
-        def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(*args[0].shape[:-1], n_units, width)  # (B, T, units, per * hd)
-            w = module.weight if fam.conv1d else module.weight.t()  # (heads * hd, e)
-            contrib = torch.einsum("btud,ude->btue", x, w.reshape(n_units, width, -1))
-            sums[i] += contrib.norm(dim=-1).sum(dim=(0, 1)).float().cpu()
-
-        return pre
-
-    handles = [
-        block.get_submodule(fam.attn_out).register_forward_pre_hook(hook(i))
-        for i, block in enumerate(families.blocks(model))
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for x in batches:
-            model(input_ids=x.to(device))
-            count += x.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return sums / count
+    return measure(model, batches).units
 
 
 def choose_heads(importance: torch.Tensor, n: int, unit: str = "heads") -> dict[int, list[int]]:
@@ -167,12 +131,6 @@ def choose_heads(importance: torch.Tensor, n: int, unit: str = "heads") -> dict[
         if n == 0:
             break
     return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
-
-
-def pruned_units(model: nn.Module | PretrainedConfig) -> dict[int, list[int]]:
-    """The units recorded in the config: layer -> sorted units."""
-    recorded = getattr(getattr(model, "config", model), HEADS_KEY, None) or {}
-    return {int(k): sorted(v) for k, v in sorted(recorded.items(), key=lambda kv: int(kv[0]))}
 
 
 @torch.no_grad()
@@ -202,21 +160,6 @@ def mask_heads(model: PreTrainedModel, heads: dict[int, list[int]]) -> Masks:
             masks.setdefault(f"{prefix}{layer}.{name}.{kind}", torch.ones_like(tensor)).index_fill_(dim, idx, 0.0)
     setattr(model.config, HEADS_KEY, {str(k): sorted(v) for k, v in sorted(recorded.items())})
     return masks
-
-
-@torch.no_grad()
-def apply_pruned_heads(model: PreTrainedModel) -> PreTrainedModel:
-    """Cut the units listed in the config out of the block matrices (in memory); layers already cut are skipped."""
-    recorded = pruned_units(model)
-    if not recorded:
-        return model
-    n_unit, _ = families.head_units(model)
-    name, _, dim, every = _slice(model, list(range(n_unit)), families.family(model).attn_out)
-    blocks = families.blocks(model)
-    for layer, units in recorded.items():
-        if families.matrix_weight(blocks[layer], name).shape[dim] == len(every):  # still at full shape
-            families.cut_units(blocks[layer], model, units)
-    return model
 
 
 def heal(
@@ -280,16 +223,6 @@ def dev_batches(data: str, tokenizer_dir: str | Path, seq_len: int, n: int = 4, 
     shard = TokenShard(ensure_shards(data, tokenizer_dir), "dev")
     gen = torch.Generator().manual_seed(0)
     return [shard.random_batch(batch, seq_len, gen)[0] for _ in range(n)]
-
-
-def tokenizer_dir_of(model_dir: str | Path) -> Path:
-    """The model directory, which must carry its tokenizer for --data (the corpus is tokenised with it)."""
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise UserError(
-            f"model: {model_dir} has no tokenizer.json, which --data needs to tokenise the corpus; copy the tokenizer"
-            " files the model was trained with into it"
-        )
-    return Path(model_dir)
 
 
 def parse_prune(spec: str) -> tuple[str, float]:

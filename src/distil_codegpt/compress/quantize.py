@@ -37,9 +37,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.pytorch_utils import Conv1D
 
 from distil_codegpt.artifacts import check_config, check_vocab, load_torch_file
-from distil_codegpt.compress.prune import apply_pruned_heads
 from distil_codegpt.config import UserError
 from distil_codegpt.model import families
+from distil_codegpt.model.shape import apply_pruned_heads
+from distil_codegpt.model.vocab_trim import TrimmedHead, apply_saved_trim, kept_ids, save_kept
 from distil_codegpt.serve.engine import ENGINE_FILE, TorchEngine, engine_kind, write_engine_spec
 
 ENGINE = "torch-int8"
@@ -108,8 +109,6 @@ def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
     an int8 layer of its kept rows, and the embedding an int8 matrix of its own."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    from distil_codegpt.compress.trim import TrimmedHead
-
     model.cpu().float().eval()
     if families.family(model).conv1d:
         conv1d_to_linear(model)
@@ -159,7 +158,6 @@ def save_int8(model: PreTrainedModel, out: str | Path, **details: Any) -> Path:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from distil_codegpt.compress.trim import kept_ids, save_kept
 
     state = model.state_dict()
     if embedding_is_head(model):
@@ -188,7 +186,6 @@ def load_int8(path: str | Path) -> PreTrainedModel:
     check_config(path, role="model")
     config = AutoConfig.from_pretrained(path)
     families.family(config, what=f"model {str(path)!r}")
-    from distil_codegpt.compress.trim import apply_saved_trim
 
     config.tie_word_embeddings = False
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

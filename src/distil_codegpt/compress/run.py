@@ -18,8 +18,6 @@ import torch
 from transformers import PreTrainedModel
 
 from distil_codegpt.compress.prune import (
-    HEADS_KEY,
-    apply_pruned_heads,
     choose_heads,
     dev_batches,
     head_importance,
@@ -28,16 +26,16 @@ from distil_codegpt.compress.prune import (
     mask_heads,
     parse_prune,
     sparsity,
-    tokenizer_dir_of,
-    unit_name,
 )
 from distil_codegpt.compress.quantize import LIBRARY, quantize_int8, save_int8
-from distil_codegpt.compress.trim import save_kept, trim_from_corpus
+from distil_codegpt.compress.trim import trim_from_corpus
 from distil_codegpt.config import CompressConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.evaluate.perf import disk_mb
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, load_model
+from distil_codegpt.model.presets import count_params, load_model, tokenizer_dir_of
+from distil_codegpt.model.shape import HEADS_KEY, apply_pruned_heads, unit_name
+from distil_codegpt.model.vocab_trim import save_kept
 from distil_codegpt.runinfo import write_manifest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

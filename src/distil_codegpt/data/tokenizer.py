@@ -32,7 +32,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from distil_codegpt.artifacts import read_json
+from distil_codegpt.artifacts import looks_local, read_json
 from distil_codegpt.config import ConfigError, TokenizerConfig, UserError
 from distil_codegpt.data.formats import corpus_format, read_documents
 from distil_codegpt.data.normalize import (
@@ -190,8 +190,6 @@ TOKENIZER_FILES = (
 def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
     """Put a model's tokenizer files next to another model (a student, an artifact) so that directory is
     self-contained; a hub id has its tokenizer saved instead (none: nothing copied). Returns the file names."""
-    from distil_codegpt.model.presets import looks_local
-
     if looks_local(str(src)):
         files = [name for name in TOKENIZER_FILES if (Path(src).expanduser() / name).is_file()]
         for name in files:

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distil_codegpt.compress.trim import kept_mask
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig
 from distil_codegpt.data.shards import TokenShard
 from distil_codegpt.distill.checkpoint import (
@@ -42,6 +41,7 @@ from distil_codegpt.distill.losses import (
 )
 from distil_codegpt.model.families import tied_head
 from distil_codegpt.model.presets import pad_vocab
+from distil_codegpt.model.vocab_trim import kept_mask
 from distil_codegpt.runinfo import open_log
 from distil_codegpt.runtime import autocast_dtype, pick_device
 

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from distil_codegpt.artifacts import check_config, check_weights, first_line
+from distil_codegpt.artifacts import check_config, check_weights, first_line, looks_local
 from distil_codegpt.config import ConfigError, UserError
 from distil_codegpt.model import families
+from distil_codegpt.model.vocab_trim import apply_saved_trim, save_kept
 from distil_codegpt.runinfo import staged_files
 
 # GPT-2's own values (https://huggingface.co/openai-community/gpt2/blob/main/config.json), shared by the GPT-2
@@ -102,11 +103,6 @@ def preset_config(
     return families.model_config(PRESETS[preset]["family"], vocab_size, shape, **specials)
 
 
-def looks_local(name_or_path: str) -> bool:
-    """A path the user meant as a path (so a typo is reported as a missing directory, not a hub lookup)."""
-    return Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "~", "."))
-
-
 def resolve_model(name_or_path: str, *, role: str = "model") -> str:
     """A model argument as `from_pretrained` takes it: a `.gguf` file is imported (once, cached by its hash)."""
     if name_or_path.lower().endswith(".gguf"):
@@ -150,7 +146,6 @@ def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrain
     go to `from_pretrained` (e.g. dtype; note that transformers 5 keeps a checkpoint's stored dtype unless told
     otherwise).
     """
-    from distil_codegpt.compress.trim import apply_saved_trim  # here: compress imports this module
 
     source = resolve_model(name_or_path, role=role)
     families.family_name(model_type_of(source, role=role), what=f"{role} {name_or_path!r}")
@@ -216,6 +211,15 @@ def save_model(model: PreTrainedModel, out: str | Path, n_vocab: int | None = No
         model.save_pretrained(stage, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-    from distil_codegpt.compress.trim import save_kept
 
     save_kept(model, out)  # a trimmed head: its kept ids beside the weights
+
+
+def tokenizer_dir_of(model_dir: str | Path) -> Path:
+    """The model directory, which must carry its tokenizer for --data (the corpus is tokenised with it)."""
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise UserError(
+            f"model: {model_dir} has no tokenizer.json, which --data needs to tokenise the corpus; copy the tokenizer"
+            " files the model was trained with into it"
+        )
+    return Path(model_dir)

@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 from distil_codegpt.config import ConfigError
 from distil_codegpt.model import families
@@ -74,16 +75,16 @@ def resolve(config: PretrainedConfig, layers: int, ffn: int, heads: int, hidden:
                 f"heads at another {name}; cut --layers or --ffn, or use a {'/'.join(WIDTH_CUT_FAMILIES)} teacher"
             )
     _, per = families.head_units(config)
+    if want.heads % per:
+        raise ConfigError(
+            f"heads: {want.heads} is not allowed; {per} query heads share each KV head, so keep a multiple of {per} "
+            f"(e.g. {max(per, want.heads - want.heads % per)})"
+        )
     if fam == "llama" and (want.heads, want.hidden) != (t.heads, t.hidden) and want.hidden % want.heads:
         lo = want.hidden - want.hidden % want.heads
         raise ConfigError(
             f"hidden: {want.hidden} is not a multiple of the {want.heads} query heads kept, which transformers' "
             f"Llama config requires; use {lo} or {lo + want.heads}"
-        )
-    if want.heads % per:
-        raise ConfigError(
-            f"heads: {want.heads} is not allowed; {per} query heads share each KV head, so keep a multiple of {per} "
-            f"(e.g. {max(per, want.heads - want.heads % per)})"
         )
     return want
 
@@ -199,3 +200,41 @@ def macs_per_token(config: PretrainedConfig) -> int:
     attention = w * (q + 2 * kv) * hd + q * hd * w  # q, k, v in; o out
     mlp = len(fam.mlp) * w * families.ffn_width(config)
     return families.depth(config) * (attention + mlp) + w * int(config.vocab_size)
+
+
+# ---------------------------------------------------------------- head units pruned at full shape (compress --prune)
+# A head-pruned model is saved at full shape with its units zeroed and listed in config.json (compress/prune.py says
+# why); in memory the units are cut out of the matrices so that the smaller model also runs faster.
+
+HEADS_KEY = "distil_pruned_heads"  # config.json: {"layer": [unit, ...]}
+
+
+def unit_name(obj: nn.Module | PretrainedConfig) -> str:
+    """What messages call a head unit of this model: "heads", or "KV groups" under grouped-query attention."""
+    return "KV groups" if families.head_units(obj)[1] > 1 else "heads"
+
+
+def unit_weight_slice(model: PreTrainedModel, units: list[int], module: str) -> tuple[str, str, int, torch.Tensor]:
+    """The weight slice of `module` that the units occupy (families.unit_slices)."""
+    return next(s for s in families.unit_slices(model, units) if s[0] == module and s[1] == "weight")
+
+
+def pruned_units(model: nn.Module | PretrainedConfig) -> dict[int, list[int]]:
+    """The units recorded in the config: layer -> sorted units."""
+    recorded = getattr(getattr(model, "config", model), HEADS_KEY, None) or {}
+    return {int(k): sorted(v) for k, v in sorted(recorded.items(), key=lambda kv: int(kv[0]))}
+
+
+@torch.no_grad()
+def apply_pruned_heads(model: PreTrainedModel) -> PreTrainedModel:
+    """Cut the units listed in the config out of the block matrices (in memory); layers already cut are skipped."""
+    recorded = pruned_units(model)
+    if not recorded:
+        return model
+    n_unit, _ = families.head_units(model)
+    name, _, dim, every = unit_weight_slice(model, list(range(n_unit)), families.family(model).attn_out)
+    blocks = families.blocks(model)
+    for layer, units in recorded.items():
+        if families.matrix_weight(blocks[layer], name).shape[dim] == len(every):  # still at full shape
+            families.cut_units(blocks[layer], model, units)
+    return model

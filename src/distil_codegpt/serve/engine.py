@@ -163,9 +163,9 @@ class TorchEngine(Engine):
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
         from distil_codegpt.artifacts import check_vocab
-        from distil_codegpt.compress.prune import apply_pruned_heads
         from distil_codegpt.data.tokenizer import load_tokenizer
         from distil_codegpt.model.presets import load_model
+        from distil_codegpt.model.shape import apply_pruned_heads
 
         model = apply_pruned_heads(load_model(str(path), dtype=torch.float32))  # pruned heads cut: runs faster
         tok = load_tokenizer(path)
