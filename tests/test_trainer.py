@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -602,3 +603,30 @@ def test_distil_lowers_dev_loss_in_every_family(tiny_data: dict, family_pair: di
     assert metrics["start_dev_loss"] == pytest.approx(untrained, rel=1e-5)  # the same student, the same windows
     if mode == "train":
         assert "teacher_dev_loss" in metrics and (out / "teacher" / "config.json").is_file()
+
+
+def test_a_time_budget_sets_the_schedule_when_it_ends_first() -> None:
+    cfg = build_config(
+        TrainConfig,
+        {"data": "d", "out": "o", "warmup_steps": 2, "max_steps": 1000, "max_minutes": 10, "min_lr_ratio": 0},
+    )
+    # half the minutes spent at step 10 of 1000: the cosine is halfway, 0.5 (1 + cos(pi / 2)) = 0.5
+    assert lr_factor(10, cfg, time_done=0.5) == pytest.approx(0.5)
+    assert lr_factor(10, cfg, time_done=1.0) == pytest.approx(0.0)
+    assert lr_factor(10, cfg, time_done=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 998)))
+    assert lr_factor(1, cfg, time_done=0.9) == 1.0  # warmup is counted in steps
+
+
+def test_a_time_budget_counts_the_minutes_of_every_resumed_process(tiny_data: dict, tmp_path: Path) -> None:
+    kw = {"max_steps": 100000, "max_minutes": 0.05, "eval_every": 0, "save_every": 0}  # a 3-second budget
+    cfg = train_cfg(tiny_data, tmp_path / "a", **kw)
+    first = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"]), tiny_data["shards"])
+    first.fit(stop_at=3)
+    spent = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)["train_seconds"]
+    assert 0 < spent < 3
+    cfg = train_cfg(tiny_data, tmp_path / "a", resume=True, **kw)
+    resumed = Trainer(cfg, setup_runtime(cfg), tiny_model(tiny_data["tok"]), tiny_data["shards"])
+    metrics = resumed.fit()
+    assert metrics["stop_reason"] == "max_minutes"
+    assert metrics["train_seconds"] >= 3.0
+    assert metrics["seconds"] < 3.0 - spent + 1.0  # the resumed process had only what the first left over

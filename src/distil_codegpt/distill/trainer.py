@@ -79,13 +79,14 @@ def setup_runtime(cfg: LoopConfig) -> Runtime:
     return Runtime(device, rank, world, autocast_dtype(cfg.precision, device))
 
 
-def lr_factor(step: int, cfg: LoopConfig) -> float:
-    """Linear warmup to 1, then cosine or linear decay to min_lr_ratio at max_steps."""
+def lr_factor(step: int, cfg: LoopConfig, time_done: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine or linear decay to min_lr_ratio at max_steps, or at the end of the time
+    budget (`time_done`: the share of --max-minutes spent) when that comes first."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), time_done))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
@@ -156,6 +157,7 @@ class Trainer:
             source = getattr(getattr(teacher, "config", None), "_name_or_path", "") or source
             cfg = cfg.resolve(pretrained_teacher(source))
         self.cfg, self.rt, self.on_save = cfg, rt, on_save
+        self.seconds_before, self.resumed_at = 0.0, None  # training time of earlier processes; this one's start
         self.per_rank, self.micro = batch_split(cfg, rt.world)
         self.train_data = TokenShard(shard_dir, "train")
         self.dev_data = TokenShard(shard_dir, "dev")
@@ -188,12 +190,12 @@ class Trainer:
             self.teacher.train(self.teacher_trains)
             self.teacher.requires_grad_(self.teacher_trains)
         self.opt = make_optimizer(self.student, cfg.lr, cfg, rt.device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg, self.time_done()))
         self.t_opt = self.t_sched = None
         if self.teacher_trains:
             assert self.teacher is not None
             self.t_opt = make_optimizer(self.teacher, cfg.teacher_lr or cfg.lr, cfg, rt.device)
-            self.t_sched = torch.optim.lr_scheduler.LambdaLR(self.t_opt, lambda s: lr_factor(s, cfg))
+            self.t_sched = torch.optim.lr_scheduler.LambdaLR(self.t_opt, lambda s: lr_factor(s, cfg, self.time_done()))
         self.s_model, self.t_model = self._wrap(self.student), self._wrap(self.teacher) if self.teacher_trains else None
         if self.t_model is None:
             self.t_model = self.teacher
@@ -370,10 +372,19 @@ class Trainer:
         loss = total / max(n, 1)
         return {"dev_loss": loss, "dev_ppl": math.exp(min(loss, 50.0))}
 
+    def train_seconds(self) -> float:
+        """Training time so far, over every process that resumed this run (the --max-minutes budget)."""
+        return self.seconds_before + (time.perf_counter() - self.resumed_at if self.resumed_at is not None else 0.0)
+
+    def time_done(self) -> float:
+        """The share of the --max-minutes budget spent (0 without one)."""
+        return self.train_seconds() / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
+
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "train_seconds": self.train_seconds(),
             "student": self.student.state_dict(),
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
@@ -395,6 +406,7 @@ class Trainer:
             self.t_opt.load_state_dict(state["t_opt"])
             self.t_sched.load_state_dict(state["t_sched"])  # type: ignore[union-attr]
         self.step, self.tokens = state["step"], state["tokens"]
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"])
 
     def save(self) -> None:
@@ -425,8 +437,13 @@ class Trainer:
             _log(log, None, {"step": 0, "tokens": 0, **initial})
         writer = _tensorboard(out) if rt.main and cfg.tensorboard else None
         start, last_t, last_tokens = time.perf_counter(), time.perf_counter(), self.tokens
+        self.resumed_at = start
         desc = "local" if self.local is not None else "distil" if self.kd else "train"
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=desc, disable=not rt.main)
+        # a time budget: the bar counts its seconds, so that its ETA is the budget's end
+        timed = bool(cfg.max_minutes)
+        total, done = (cfg.max_minutes * 60, self.seconds_before) if timed else (cfg.max_steps, self.step)
+        unit = {"unit": "s", "bar_format": "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"}
+        bar = tqdm(total=total, initial=done, desc=desc, disable=not rt.main, **(unit if timed else {}))
         record: dict[str, Any] = {}
         reason = "max_steps"
         try:
@@ -434,20 +451,22 @@ class Trainer:
                 if cfg.max_tokens and self.tokens >= cfg.max_tokens:
                     reason = "max_tokens"
                     break
-                if cfg.max_minutes and time.perf_counter() - start >= cfg.max_minutes * 60:
+                if cfg.max_minutes and self.train_seconds() >= cfg.max_minutes * 60:
                     reason = "max_minutes"
                     break
                 if stop_at is not None and self.step >= stop_at:
                     reason = "stopped"
                     break
                 parts = self.train_step()
-                bar.update()
+                bar.update(min(self.train_seconds(), total) - bar.n if timed else 1)
                 record = {"step": self.step, "tokens": self.tokens, "lr": self.sched.get_last_lr()[0], **parts}
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.perf_counter()
                     record["tokens_per_s"] = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
                     last_t, last_tokens = now, self.tokens
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        step=self.step, loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     record.update(self._evaluate_all())
                 if log is not None and ("tokens_per_s" in record or "dev_loss" in record):
@@ -475,6 +494,7 @@ class Trainer:
             "tokens": self.tokens,
             "stop_reason": reason,
             "seconds": round(seconds, 2),
+            "train_seconds": round(self.train_seconds(), 2),  # every process of a resumed run
             "train_loss": record.get("loss"),
             **initial,
             **final,
