@@ -4,9 +4,9 @@ sends (the file so far as prefix, what follows the current line as suffix), thro
     python benchmarks/editor_replay.py --model /tmp/real/teacher --model /tmp/real/kd/logit-t1 \\
         --data /tmp/real/data --files 6 --lines 4 --out docs/editor_replay.json
 
-For every model (and, with --draft, the first model with that student drafting for it), one server (in this
-process, on a free loopback port) per cache setting: `cold` (--cache-slots 0: every prompt read in full) and
-`warm` (--cache-slots 2, the default of `serve`), the same requests in the
+For every model on every --engine (and, with --draft, the first model with that student drafting for it, on
+PyTorch), one server (in this process, on a free loopback port) per cache setting: `cold` (--cache-slots 0: every
+prompt read in full) and `warm` (--cache-slots 2, the default of `serve`), the same requests in the
 same order, so the rows compare side by side. A file is typed from a random line (seeded) for --lines lines;
 the pauses are after each word (a blank, a bracket, a dot) and at each line start, as an editor debounces. As
 llama.vscode does, the prefix is --prefix-lines whole lines above the cursor's line plus that line up to the
@@ -167,7 +167,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model: str, cache_slots: int, max_tokens: int, draft: str = "") -> tuple[Any, str]:
+def serve(model: str, cache_slots: int, max_tokens: int, draft: str = "", engine: str = "auto") -> tuple[Any, str]:
     """A real uvicorn server on a free loopback port in a thread: (server, url)."""
     import uvicorn
 
@@ -177,12 +177,12 @@ def serve(model: str, cache_slots: int, max_tokens: int, draft: str = "") -> tup
     from distil_codegpt.serve.server import create_app
 
     port = free_port()
-    cfg = build_config(ServeConfig, {"model": model, "port": port, "cache_slots": cache_slots})
+    cfg = build_config(ServeConfig, {"model": model, "port": port, "cache_slots": cache_slots, "engine": engine})
     cfg.max_tokens_limit = max(cfg.max_tokens_limit, max_tokens)
     from distil_codegpt.serve.speculative import with_draft
 
-    engine = with_draft(load_engine(model, "cpu", cache_slots), draft, "cpu", 0, cache_slots)
-    app = create_app(Completer(engine), cfg)
+    loaded = with_draft(load_engine(model, "cpu", cache_slots, engine=engine), draft, "cpu", 0, cache_slots)
+    app = create_app(Completer(loaded), cfg)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
@@ -210,29 +210,39 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ms-per-char", type=float, default=0.0, help="typing speed; 0 = wait for every answer")
     p.add_argument("--draft", default="", help="also serve the first --model with this student drafting for it")
+    p.add_argument(
+        "--engine",
+        action="append",
+        choices=["auto", "torch", "llamacpp"],
+        help="run every --model on this engine (repeat: each engine side by side; default auto)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the rows to this JSON file")
     args = p.parse_args()
     plan = sessions(args.data, args.files, args.lines, args.seed)
     print(f"editor_replay: {sum(len(pts) for _, pts in plan)} pauses in {len(plan)} files", file=sys.stderr)
     rows = []
-    runs = [(m, "") for m in args.model] + ([(args.model[0], args.draft)] if args.draft else [])
-    for model, draft in runs:
+    engines = args.engine or ["auto"]
+    runs = [(m, "", e) for m in args.model for e in engines]
+    runs += [(args.model[0], args.draft, "torch")] if args.draft else []  # drafts run on PyTorch only
+    for model, draft, engine in runs:
         for mode, slots in (("cold", 0), ("warm", 2)):
-            server, url = serve(model, slots, args.max_tokens, draft)
+            server, url = serve(model, slots, args.max_tokens, draft, engine)
             t0 = time.perf_counter()
             name = f"{Path(model).name}+{Path(draft).name}" if draft else Path(model).name
-            row = {"model": name, "cache": mode, **replay(url, args, plan), "wall_s": time.perf_counter() - t0}
+            kind = httpx.get(f"{url}/health", timeout=5).json()["engine"]
+            row = {"model": name, "engine": kind, "cache": mode, **replay(url, args, plan)}
+            row["wall_s"] = time.perf_counter() - t0
             server.should_exit = True
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    head = f"{'model':<28} {'cache':<5} {'req':>4} {'canc':>4} {'p50 ms':>8} {'p95 ms':>8} {'1st B':>7}"
+    head = f"{'model':<28} {'engine':<11} {'cache':<5} {'req':>4} {'canc':>4} {'p50 ms':>8} {'p95 ms':>8} {'1st B':>7}"
     print(head + f" {'cached':>7} {'prompt':>7} {'ES':>6}")
     for r in rows:
         print(
-            f"{r['model']:<28} {r['cache']:<5} {r['requests']:>4} {r['cancelled']:>4} {r['p50_ms']:>8.0f}"
-            f" {r['p95_ms']:>8.0f} {r['first_byte_p50_ms']:>7.0f} {r['cache_hit']:>7.1%} {r['prompt_tokens']:>7.0f}"
-            f" {r['es']:>6.2f}"
+            f"{r['model']:<28} {r['engine']:<11} {r['cache']:<5} {r['requests']:>4} {r['cancelled']:>4}"
+            f" {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {r['first_byte_p50_ms']:>7.0f} {r['cache_hit']:>7.1%}"
+            f" {r['prompt_tokens']:>7.0f} {r['es']:>6.2f}"
         )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")

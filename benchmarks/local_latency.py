@@ -15,6 +15,9 @@ one at a time as an editor asks, after one untimed completion:
 Rows (--rows picks some; the student rows are made for every --student):
 
   teacher-fp32, teacher-bf16   the teacher; bf16 is autocast, fast only on a CPU with native bf16 (AVX-512 BF16, AMX)
+  teacher-llamacpp, llamacpp   the teacher / the student run by llama.cpp (`--engine llamacpp`: the model exported once
+                               to an f32 GGUF, its own KV cache reused as the prefix cache; skipped with a note
+                               without llama-cpp-python or for a family GGUF export refuses)
   fp32, bf16                   the student
   int8                         `compress --quantize int8` (torch.ao dynamic int8, the head included)
   ct2-int8                     `export --quantize int8` (CTranslate2; it keeps no prefix cache, so warm is cold;
@@ -51,8 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROWS = ("teacher-fp32", "teacher-bf16", "fp32", "bf16", "int8", "ct2-int8", "trim", "draft")
-STUDENT_ROWS = ROWS[2:]
+TEACHER_ROWS = ("teacher-fp32", "teacher-bf16", "teacher-llamacpp")
+STUDENT_ROWS = ("fp32", "bf16", "int8", "ct2-int8", "trim", "llamacpp", "draft")
+ROWS = TEACHER_ROWS + STUDENT_ROWS
 
 
 # ------------------------------------------------------------ prompts
@@ -110,12 +114,15 @@ def make_prompts(data: str, tok: Any, n: int, prompt_tokens: int, seed: int) -> 
 
 
 def set_cache_slots(engine: Any, n: int) -> None:
-    """Prefix-cache slots of every PyTorch engine inside `engine` (the draft row has two), emptied."""
+    """Prefix-cache slots of every engine inside `engine` that keeps a prefix cache (the draft row has two), emptied
+    (llama.cpp's one context is overwritten from the first id when slots are 0)."""
     from distil_codegpt.serve.engine import TorchEngine
 
     for e in (engine.teacher, engine.draft) if hasattr(engine, "draft") else (engine,):
         if isinstance(e, TorchEngine):
             e.cache_slots, e.slots = n, []
+        elif e.name == "llamacpp":
+            e.cache_slots = n
 
 
 def complete_one(completer: Any, prompt: str, max_new: int, warm: bool) -> dict[str, Any]:
@@ -181,7 +188,7 @@ def time_row(a: argparse.Namespace, path: str, precision: str, draft: str) -> di
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    engine = load_engine(path, "cpu")
+    engine = load_engine(path, "cpu")  # a .gguf path (the llamacpp rows): llama.cpp, by --engine auto
     if draft:
         engine = SpeculativeEngine(engine, load_engine(draft, "cpu"))
     completer = Completer(engine)
@@ -204,7 +211,7 @@ def time_row(a: argparse.Namespace, path: str, precision: str, draft: str) -> di
         "truncated": sum(s["truncated"] for s in cold),
         "rss_mb": peak_rss_mb(),
         "disk_mb": engine.disk_mb(),
-        "prefix_cache": isinstance(engine, (TorchEngine, SpeculativeEngine)),
+        "prefix_cache": isinstance(engine, (TorchEngine, SpeculativeEngine)) or engine.name == "llamacpp",
         "completions": texts,
     }
     if draft:
@@ -238,6 +245,23 @@ def build(work: Path, name: str, run: Any, cls: type, values: dict[str, str]) ->
     return out
 
 
+def gguf_row(name: str, model: str) -> dict[str, str]:
+    """A llama.cpp row: the model's f32 GGUF (exported once, cached) and the tokenizer imported from it, both made
+    here so that the row's process only loads them (its RSS is llama.cpp's, not the export's)."""
+    from distil_codegpt.config import UserError
+
+    try:
+        from distil_codegpt.model.gguf import cached_import
+        from distil_codegpt.serve.llamacpp_engine import exported_gguf, llama_cpp_module
+
+        llama_cpp_module()
+        path = exported_gguf(model)
+        cached_import(path)
+    except UserError as e:
+        return {"name": name, "skip": str(e)}
+    return {"name": name, "path": str(path), "precision": "fp32", "draft": ""}
+
+
 def plan(a: argparse.Namespace, work: Path) -> list[dict[str, str]]:
     """The rows to time: {"name", "path", "precision", "draft"}, or {"name", "skip"} with why."""
     from distil_codegpt.compress.export import run_export
@@ -249,6 +273,8 @@ def plan(a: argparse.Namespace, work: Path) -> list[dict[str, str]]:
         for p in ("fp32", "bf16")
         if f"teacher-{p}" in a.rows
     ]
+    if "teacher-llamacpp" in a.rows:
+        rows.append(gguf_row("teacher llamacpp", a.teacher))
     for student in a.student:
         label = Path(student).name
         made = {  # row kind -> (artifact dir, verb, its config, values)
@@ -258,6 +284,9 @@ def plan(a: argparse.Namespace, work: Path) -> list[dict[str, str]]:
         }
         for kind in (k for k in STUDENT_ROWS if k in a.rows):
             name = f"teacher + {label} draft" if kind == "draft" else f"{label} {kind}"
+            if kind == "llamacpp":
+                rows.append(gguf_row(name, student))
+                continue
             try:
                 if kind in made:
                     artifact, run, cls, values = made[kind]

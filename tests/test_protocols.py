@@ -1,6 +1,6 @@
 """Editor protocols: FIM templates taken apart, the suffix cutting a completion, lines and deadlines, the prefix KV
 cache (cached == uncached), and each surface (OpenAI, llama.cpp, Ollama, the openai client) driven with requests
-shaped as the real clients send them."""
+shaped as the real clients send them, on the torch engine and on llama.cpp (`--engine llamacpp`)."""
 
 from __future__ import annotations
 
@@ -200,16 +200,36 @@ def test_a_stopped_stream_leaves_the_cache_consistent(raw_dir: Path) -> None:
 # ---------------------------------------------------------------- the surfaces
 
 
+@pytest.fixture(scope="module", params=["torch", "llamacpp"])
+def served(request: pytest.FixtureRequest, raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """(model dir, engine) behind the surfaces: every surface test runs on PyTorch and on llama.cpp (the model exported
+    to an f32 GGUF on first use), against the same PyTorch reference, so the answers must be equal."""
+    if request.param == "torch":
+        yield raw_dir, "torch"
+        return
+    pytest.importorskip("llama_cpp")
+    from test_llamacpp_engine import gguf_ready_dir  # GGUF export needs a tokenizer llama.cpp can split
+
+    root = tmp_path_factory.mktemp("proto-gguf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTIL_CODEGPT_CACHE", str(root / "cache"))
+        yield gguf_ready_dir(root / "smol"), "llamacpp"
+
+
 @pytest.fixture(scope="module")
-def app_client(raw_dir: Path) -> Iterator[TestClient]:
-    cfg = build_config(ServeConfig, {"model": str(raw_dir), "max_tokens_limit": 24, "max_prompt_chars": 20_000})
-    with TestClient(create_app(Completer(load_engine(raw_dir, cache_slots=2)), cfg)) as c:
+def app_client(served: tuple[Path, str]) -> Iterator[TestClient]:
+    model, engine = served
+    values = {"model": str(model), "engine": engine, "max_tokens_limit": 24, "max_prompt_chars": 20_000}
+    with TestClient(
+        create_app(Completer(load_engine(model, cache_slots=2, engine=engine)), build_config(ServeConfig, values))
+    ) as c:
+        assert c.get("/health").json()["engine"] == engine
         yield c
 
 
 @pytest.fixture(scope="module")
-def reference(raw_dir: Path) -> Completer:
-    return Completer(load_engine(raw_dir))
+def reference(served: tuple[Path, str]) -> Completer:
+    return Completer(load_engine(served[0]))  # PyTorch for both
 
 
 def sse(body: str) -> list[Any]:

@@ -35,6 +35,11 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 PRECISION_HELP = "auto = bf16 autocast on CUDA or a CPU with AVX-512 BF16/AMX, else fp32 (losses stay fp32)"
+ENGINE_HELP = (
+    "what runs the model: torch (PyTorch; also the compress/export artifacts, by their engine.json), llamacpp"
+    " (llama.cpp through llama-cpp-python, pip install '.[llamacpp]': a .gguf file as it is, an HF model dir exported"
+    " once to an f32 GGUF in $DISTIL_CODEGPT_CACHE/gguf-export), auto = llamacpp for a .gguf file, torch otherwise"
+)
 DEFAULT_EXCLUDES = [".*", "__pycache__", "site-packages", "dist-packages", "node_modules"]
 
 
@@ -364,7 +369,7 @@ class CacheTeacherConfig:
 class EvaluateConfig:
     """Line-level code completion on a CodeXGLUE line-completion file: EM, ES, size, speed, latency."""
 
-    model: str = opt("", "model: HF dir or hub id (with its tokenizer)", required=True)
+    model: str = opt("", "model: HF dir or hub id (with its tokenizer), or a .gguf file", required=True)
     test: str = opt("", "line-completion file: JSON lines {input, gt} (ours, or CodeXGLUE's test.json)", required=True)
     out: str = opt("", "output directory: predictions.txt, metrics.json, run.json", required=True)
     limit: int = opt(0, "evaluate only the first N examples (0 = all)")
@@ -390,6 +395,7 @@ class EvaluateConfig:
         " the output stays the model's own",
     )
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
+    engine: Literal["auto", "torch", "llamacpp"] = opt("auto", ENGINE_HELP + "; llamacpp decodes greedily, batch 1")
 
     def validate(self) -> None:
         _check(self.perplexity_tokens >= 2, "perplexity_tokens", self.perplexity_tokens, "use 2 or more")
@@ -497,6 +503,17 @@ class SweepConfig:
     )
     student_lr: float = opt(1e-3, "student peak learning rate")
     correction_lr: float = opt(0.0, "in-training KD: the teacher's peak learning rate (0 = the students')")
+    student_ffn: int = opt(0, "MLP width of every student (0 = the teacher's; see `student --ffn`)")
+    student_heads: int = opt(0, "query heads of every student (0 = the teacher's; see `student --heads`)")
+    student_hidden: int = opt(0, "hidden size of every student (0 = the teacher's; see `student --hidden`)")
+    student_minutes: float = opt(
+        0.0,
+        "training minutes per student, every stage counted (width scoring, local stage, global KD); 0 = the token "
+        "budget (student_tokens / student_steps)",
+    )
+    local_share: float = opt(
+        0.0, "share of a student's budget spent in the local (blockwise) stage before global KD (0 = no local stage)"
+    )
     variant_layers: int = opt(8, "depth of the variant students")
     pick: str = opt(
         "uniform",
@@ -563,6 +580,9 @@ class SweepConfig:
             _check(v in VARIANTS, "depth_variants", v, f"choose from {', '.join(VARIANTS)}")
         for k in self.students:
             _check(k >= 1, "students", k, "use depths of 1 or more")
+        for name in ("student_ffn", "student_heads", "student_hidden", "student_minutes"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 (the default) or more")
+        _check(0 <= self.local_share < 1, "local_share", self.local_share, "use a share in [0, 1)")
         for f in self.curve:
             _check(0 < f < 1, "curve", f, "use fractions of the budget in (0, 1); the full budget is always a point")
         main = self.curve or (self.seeds and "main" in self.seed_variants)
@@ -671,7 +691,7 @@ QUANTIZE_HELP = (
 class CompleteConfig:
     """Complete the current line of real Python code (FILE[:LINE[:COL]], or code on stdin)."""
 
-    model: str = opt("", "model directory or compressed/exported artifact", required=True)
+    model: str = opt("", "model directory, compressed/exported artifact, or .gguf file", required=True)
     file: str = opt("-", "FILE, FILE:LINE or FILE:LINE:COL (1-based; default: end of file); - = stdin")
     max_new_tokens: int = opt(64, "longest completion in tokens")
     temperature: float = opt(0.0, "0 = greedy")
@@ -688,6 +708,7 @@ class CompleteConfig:
         "none",
         QUANTIZE_HELP + " (default none here: quantizing at load costs more than it saves on one completion)",
     )
+    engine: Literal["auto", "torch", "llamacpp"] = opt("auto", ENGINE_HELP)
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")
@@ -702,7 +723,7 @@ class ServeConfig:
     """Serve completions over HTTP to editor plugins: OpenAI /v1/completions, llama.cpp /infill and /completion,
     Ollama /api/generate; any model name is served."""
 
-    model: str = opt("", "model directory or compressed/exported artifact", required=True)
+    model: str = opt("", "model directory, compressed/exported artifact, or .gguf file", required=True)
     host: str = opt("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes it to the network)")
     port: int = opt(8000, "TCP port")
     model_name: str = opt(
@@ -734,7 +755,10 @@ class ServeConfig:
         " the output stays the model's own",
     )
     draft_tokens: int = opt(0, "tokens the draft proposes per teacher pass (0 = adaptive)")
-    quantize: Literal["auto", "int8", "none"] = opt("auto", QUANTIZE_HELP)
+    quantize: Literal["auto", "int8", "none"] = opt("auto", QUANTIZE_HELP + "; torch only")
+    engine: Literal["auto", "torch", "llamacpp"] = opt(
+        "auto", ENGINE_HELP + "; llamacpp keeps the last prompt's KV cache (cache_slots above 1 count as 1)"
+    )
 
     def validate(self) -> None:
         _require(self.model, "model", "pass --model DIR")

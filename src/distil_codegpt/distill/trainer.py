@@ -464,9 +464,7 @@ class Trainer:
                     now = time.perf_counter()
                     record["tokens_per_s"] = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
                     last_t, last_tokens = now, self.tokens
-                    bar.set_postfix(
-                        step=self.step, loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                    )
+                    bar.set_postfix(step=self.step, loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     record.update(self._evaluate_all())
                 if log is not None and ("tokens_per_s" in record or "dev_loss" in record):

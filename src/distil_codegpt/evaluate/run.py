@@ -27,7 +27,7 @@ from distil_codegpt.model import families
 from distil_codegpt.model.presets import looks_local, resolve_model
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
-from distil_codegpt.serve.engine import engine_kind, load_engine
+from distil_codegpt.serve.engine import engine_kind, load_engine, runtime_for
 
 
 def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -49,17 +49,19 @@ def model_tokenizer(model: str) -> PreTrainedTokenizerBase:
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate cfg.model on cfg.test; write OUT/predictions.txt, OUT/metrics.json, OUT/run.json; return metrics."""
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # a .gguf file: imported once, cached
+    llamacpp = runtime_for(cfg.model, cfg.engine) == "llamacpp"  # llama.cpp reads a .gguf file as it is
+    if not llamacpp:
+        cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # a .gguf file: imported once, cached
     device, amp = eval_runtime(cfg)
     examples = read_examples(cfg.test)
     if cfg.limit:
         examples = examples[: cfg.limit]
     if not examples:
         raise UserError(f"test: {cfg.test} holds no examples; pass a line-completion file with JSON lines")
-    tok = model_tokenizer(cfg.model)
-    kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
+    kind = "llamacpp" if llamacpp else engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
     if kind not in ("torch", "torch-int8") or cfg.draft:
-        return _evaluate_engine(cfg, examples, tok, t0)
+        return _evaluate_engine(cfg, examples, t0)
+    tok = model_tokenizer(cfg.model)
     if kind == "torch-int8" and cfg.precision == "auto":
         amp = None  # int8 kernels take fp32 activations: auto means fp32 here, whatever the CPU
     if kind == "torch-int8" and (device.type != "cpu" or amp is not None):
@@ -110,11 +112,12 @@ def add_warm_latency(cfg: EvaluateConfig) -> dict[str, Any]:
     """Measure only the warm latency of an evaluation done before `evaluate` measured it, and add it to OUT's
     metrics.json (the same model, examples and settings as the rest of that file; OUT/warm.json records what was
     added): a resumed sweep fills in the column instead of evaluating again."""
+    llamacpp = runtime_for(cfg.model, cfg.engine) == "llamacpp"
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
     path = Path(cfg.out) / "metrics.json"
     metrics = read_json(path, fix="evaluate the model again (distil-codegpt evaluate)")
     device, amp = eval_runtime(cfg)
-    kind = engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
+    kind = "llamacpp" if llamacpp else engine_kind(cfg.model) if looks_local(cfg.model) else "torch"
     amp = None if kind == "torch-int8" else amp  # as `run_evaluate`
     tok = model_tokenizer(cfg.model)
     inputs = [ex.input for ex in read_examples(cfg.test)[: cfg.latency_samples]]
@@ -125,14 +128,15 @@ def add_warm_latency(cfg: EvaluateConfig) -> dict[str, Any]:
     return metrics | warm
 
 
-def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokenizerBase, t0: float) -> dict[str, Any]:
-    """An exported engine (CTranslate2), or a model with a draft: one example at a time through the `Engine`
-    interface, greedy only."""
+def _evaluate_engine(cfg: EvaluateConfig, examples: list, t0: float) -> dict[str, Any]:
+    """An exported engine (CTranslate2), llama.cpp, or a model with a draft: one example at a time through the
+    `Engine` interface, greedy only."""
     from distil_codegpt.serve.speculative import with_draft
 
     if cfg.beam != 1:
         raise ConfigError(f"beam: {cfg.beam}; engines and drafts are evaluated greedily here, use --beam 1")
-    engine = with_draft(load_engine(cfg.model), cfg.draft, "cpu", cfg.draft_tokens, cache_slots=0)
+    engine = with_draft(load_engine(cfg.model, engine=cfg.engine), cfg.draft, "cpu", cfg.draft_tokens, cache_slots=0)
+    tok = engine.tokenizer
     if cfg.context:  # the same positions as a PyTorch model evaluated with --context: inputs keep their last tokens
         engine.context = min(engine.context, cfg.context)
     inputs = [ex.input for ex in examples]
@@ -146,11 +150,13 @@ def _evaluate_engine(cfg: EvaluateConfig, examples: list, tok: PreTrainedTokeniz
         engine_complete(engine, tok, [text], cfg.max_new_tokens, progress=False, stops=stops, line_end=cfg.line_end)
         times.append(1000 * (time.perf_counter() - t))
     lat = {"p50": _percentile(times, 50), "p95": _percentile(times, 95)} if times else {"p50": None, "p95": None}
-    run = Path(cfg.model) / "run.json"
+    run = Path(engine.path) / "run.json"
     meta = read_json(run, fix="export the model again with `distil-codegpt export`") if run.is_file() else {}
-    n_params = meta.get("metrics", {}).get("params")
+    n_params = meta.get("metrics", {}).get("params") or getattr(engine, "n_params", None)
     extra = {"gpu_mem_mb": None, **_warm(cfg, None, tok, inputs, "cpu", None), "perplexity": None}
     extra |= {"perplexity_tokens": None, "engine": engine.name}
+    if engine.name == "llamacpp":  # the GGUF file it ran, not the directory its tokenizer came from
+        extra |= {"disk_mb": engine.disk_mb(), "gguf": str(engine.gguf_path)}
     extra["batch_size"] = 1  # one example at a time
     if stats := getattr(engine, "stats", None):  # a draft: how much of it the teacher took
         extra["draft"] = {"model": cfg.draft, "acceptance": stats.acceptance, "tokens_per_pass": stats.tokens_per_pass}

@@ -425,7 +425,7 @@ def run_complete(cfg: Any) -> Completion:
     code = read_cursor(cfg.file)
     from distil_codegpt.serve.speculative import with_draft
 
-    engine = load_engine(cfg.model, cfg.device, quantize=cfg.quantize)
+    engine = load_engine(cfg.model, cfg.device, quantize=cfg.quantize, engine=cfg.engine)
     completer = Completer(with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, quantize=cfg.quantize))
     result = completer.complete(code, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     print(result.text)

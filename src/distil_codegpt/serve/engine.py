@@ -23,6 +23,7 @@ import torch
 from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import UserError
 from distil_codegpt.model import families
+from distil_codegpt.model.presets import resolve_model
 
 ENGINE_FILE = "engine.json"
 QUANTIZE = ("auto", "int8", "none")  # what load_engine does to a plain fp32 model directory
@@ -35,6 +36,7 @@ ENGINES = {
     "ctranslate2": "distil_codegpt.compress.export:CTranslate2Engine",
     "onnx": "distil_codegpt.compress.export:OnnxEngine",
 }
+RUNTIMES = ("auto", "torch", "llamacpp")  # --engine: auto = llamacpp for a .gguf file, else what engine_kind says
 
 
 class Engine(ABC):
@@ -305,10 +307,35 @@ def int8_in_memory(path: str | Path, device: str, quantize: str) -> bool:
     return engine_kind(path) == "torch" and (quantize == "int8" or auto)
 
 
-def load_engine(path: str | Path, device: str = "cpu", cache_slots: int = 0, quantize: str = "none") -> Engine:
-    """The engine for a model directory or an exported/compressed artifact; PyTorch engines keep the KV cache of
-    `cache_slots` prompts (the others read every prompt in full). `quantize` (`QUANTIZE`) applies to a plain fp32
-    model directory only: "int8" quantizes it as it loads, "auto" does so for a student on CPU, "none" never."""
+def runtime_for(path: str | Path, engine: str = "auto") -> str:
+    """What `--engine` runs `path` on: "llamacpp" or "torch" (the latter also covers the artifacts of `compress` and
+    `export`, each loaded by the engine its engine.json names). auto: llamacpp for a .gguf file, torch otherwise."""
+    if engine not in RUNTIMES:
+        raise UserError(f"engine: {engine!r}; use one of {', '.join(RUNTIMES)}")
+    gguf_file = str(path).lower().endswith(".gguf")
+    if engine == "llamacpp" and not gguf_file and (Path(path) / ENGINE_FILE).is_file():
+        kind = engine_kind(path)
+        raise UserError(f"engine: llamacpp runs a .gguf file or an HF model directory, not a {kind} artifact ({path})")
+    return "llamacpp" if engine == "llamacpp" or (engine == "auto" and gguf_file) else "torch"
+
+
+def load_engine(
+    path: str | Path, device: str = "cpu", cache_slots: int = 0, quantize: str = "none", engine: str = "auto"
+) -> Engine:
+    """The engine for a model directory, an exported/compressed artifact or (`engine`, `runtime_for`) a GGUF file
+    run by llama.cpp; PyTorch and llama.cpp engines keep the KV cache of `cache_slots` prompts (llama.cpp: one, the
+    context's), the others read every prompt in full. `quantize` (`QUANTIZE`) applies to a plain fp32 model
+    directory on torch only: "int8" quantizes it as it loads, "auto" does so for a student on CPU, "none" never."""
+    if runtime_for(path, engine) == "llamacpp":
+        if quantize == "int8":
+            raise UserError("quantize: int8 is the torch engine's; for llama.cpp export --format gguf --quant q8_0")
+        from distil_codegpt.serve.llamacpp_engine import LlamaCppEngine
+
+        cpp = LlamaCppEngine.load(path, device)
+        cpp.cache_slots = cache_slots
+        return cpp
+    if str(path).lower().endswith(".gguf"):  # torch runs a .gguf file imported once (cached by its hash)
+        path = resolve_model(str(path))
     kind = engine_kind(path)
     if int8_in_memory(path, device, quantize):
         from distil_codegpt.compress.quantize import QuantizedTorchEngine

@@ -290,10 +290,11 @@ def run_server(cfg: ServeConfig) -> None:
     """Load the model once, then serve until Ctrl-C."""
     import uvicorn
 
-    from distil_codegpt.serve.engine import load_engine
+    from distil_codegpt.serve.engine import load_engine, runtime_for
     from distil_codegpt.serve.speculative import with_draft
 
-    engine = load_engine(cfg.model, cfg.device, cfg.cache_slots, cfg.quantize)
+    quantize = cfg.quantize if runtime_for(cfg.model, cfg.engine) == "torch" else "none"  # auto: torch's default
+    engine = load_engine(cfg.model, cfg.device, cfg.cache_slots, quantize, cfg.engine)
     engine = with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, cfg.cache_slots, cfg.quantize)
     completer = Completer(engine, fim=cfg.fim)
     app = create_app(completer, cfg)

@@ -151,6 +151,11 @@ def with_draft(
     `engine` itself when `draft` is empty."""
     if not draft:
         return engine
+    if not isinstance(engine, TorchEngine):  # before the draft loads: the answer does not depend on it
+        raise UserError(
+            f"draft: the {engine.name} engine runs no draft model (the teacher verifies drafts with PyTorch's KV"
+            " cache); drop --draft, or pass the model directory with --engine torch"
+        )
     from distil_codegpt.serve.engine import load_engine
 
     return SpeculativeEngine(engine, load_engine(draft, device, cache_slots, quantize), draft_tokens)
