@@ -342,3 +342,31 @@ def test_warm_latency_classifies_the_vocabulary_once(study, monkeypatch: pytest.
     assert len(calls) == 1 and warm["p50"] > 0  # not once per timed line: that pass alone takes 0.6 s at 49k ids
     lengths = [len(encode_inputs(tok, [x], families.context(model) - 4)[0]) for x in inputs]
     assert warm["cached"] == pytest.approx(sum((n - 1) / n for n in lengths) / 3)
+
+
+def test_width_cut_students_with_a_local_stage_inside_a_minutes_budget(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SLICE[:4]:
+        shutil.copy(STDLIB / name, src / name)
+    values = {**STUDY, "out": str(tmp_path / "out"), "src": [str(src)], "students": [2], "variants": [],
+              "curve": [], "seeds": [], "depth_variants": [], "teacher_cache": False, "student_ffn": 64,
+              "student_heads": 2, "student_minutes": 0.2, "local_share": 0.25}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTIL_CODEGPT_CACHE", str(tmp_path / "cache"))
+        mp.setattr(gguf, "fetch_teacher", fake_fetch([], layers=4))
+        run_sweep(build_config(SweepConfig, values))
+    out = tmp_path / "out" / "students"
+    init = json.loads((out / "init-2-ffn64-heads2" / "config.json").read_text())
+    assert (init["intermediate_size"], init["num_attention_heads"], init["num_key_value_heads"]) == (64, 2, 1)
+    scoring = json.loads((out / "init-2-ffn64-heads2" / "run.json").read_text())["seconds"] / 60
+    local = json.loads((out / "kd-2-ffn64-heads2-local" / "run.json").read_text())
+    assert local["config"]["stage"] == "local" and local["config"]["student"] == str(out / "init-2-ffn64-heads2")
+    assert local["config"]["max_minutes"] == pytest.approx(0.25 * (0.2 - scoring), rel=1e-3)
+    kd = json.loads((out / "kd-2-ffn64-heads2" / "run.json").read_text())
+    assert kd["config"]["stage"] == "global" and kd["config"]["student"] == str(out / "kd-2-ffn64-heads2-local")
+    spent = local["metrics"]["train_seconds"] / 60
+    assert kd["config"]["max_minutes"] == pytest.approx(0.2 - scoring - spent, rel=1e-3)
+    assert kd["metrics"]["stop_reason"] == "max_minutes"
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert [r["label"] for r in rows if r["label"].startswith("2 layers")] == ["2 layers, ffn 64, heads 2"]

@@ -103,6 +103,9 @@ class Sweep:
         if deepest > self.teacher_depth:
             raise ConfigError(f"students: {deepest} layers exceed the teacher's {self.teacher_depth}; use fewer")
         self._set_loop(cfg)
+        widths = {"ffn": cfg.student_ffn, "heads": cfg.student_heads, "hidden": cfg.student_hidden}
+        self.width_tag = "".join(f"-{k}{v}" for k, v in widths.items() if v)
+        self.width_label = "".join(f", {k} {v}" for k, v in widths.items() if v)
         self.ppl = self.data / "perplexity" / "test.txt" if cfg.perplexity_files else self.data / "test.txt"
 
     def _set_loop(self, cfg: SweepConfig) -> None:
@@ -196,14 +199,15 @@ class Sweep:
 
     def _student(self, what: str, out: Path, layers: int, pick: str = "", **kw: Any) -> Step:
         """A student directory; one made from the teacher's layers takes them by `pick` (a data pick scores them
-        on the corpus's dev split, with the teacher's tokenizer)."""
+        on the corpus's dev split, with the teacher's tokenizer) and is cut to the students' width."""
         from distil_codegpt.model.student import DATA_PICKS, build_student
 
         c = self.cfg
-        values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": c.seed, **kw}
+        widths = {"ffn": c.student_ffn, "heads": c.student_heads, "hidden": c.student_hidden}
+        values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": c.seed, **widths, **kw}
         if not (kw.get("random") or kw.get("init_from")):
             values["pick"] = pick or c.pick
-            if values["pick"] in DATA_PICKS:
+            if values["pick"] in DATA_PICKS or any(widths.values()):
                 values.update(data=str(self.data), pick_seq_len=c.seq_len)
         return Step(what, out / "run.json", lambda: build_student(build_config(StudentConfig, values)))
 
@@ -222,7 +226,8 @@ class Sweep:
         models = [teacher]
         if c.untrained:
             untrained = Model("untrained", "Untrained (teacher shape)", n, "untrained", "no training")
-            untrained.steps.append(self._student("random init", self.out / "untrained", n, random=True))
+            full = {"ffn": 0, "heads": 0, "hidden": 0}
+            untrained.steps.append(self._student("random init", self.out / "untrained", n, random=True, **full))
             models.append(untrained)
         for k in c.students:
             curve = bool(c.curve) and k == c.variant_layers
@@ -242,14 +247,15 @@ class Sweep:
         c, s = self.cfg, self.out / "students"
         fields = to_dict(c)
         suffix = "" if seed == c.seed else f"-seed{seed}"
-        label = f"{k} layers" + (f", {v.label.format(**fields)}" if v.label else "")
+        label = f"{k} layers" + self.width_label + (f", {v.label.format(**fields)}" if v.label else "")
         label += f", seed {seed}" if suffix else ""
-        out = s / (f"kd-{k}{suffix}" if name == "main" else f"{k}-{name}{suffix}")
+        k_tag = f"{k}{self.width_tag}"
+        out = s / (f"kd-{k_tag}{suffix}" if name == "main" else f"{k_tag}-{name}{suffix}")
         tokens = round(self.budget * (getattr(c, v.tokens) if v.tokens else 1))
         n_steps = self._steps(tokens)
         m = Model(f"students/{out.name}", label, k, "student" if v.kd else "control", "", tokens=tokens, seed=seed)
         pick = v.pick or c.pick
-        init = s / (f"init-{k}" if pick == c.pick else f"init-{k}-{pick}")
+        init = s / (f"init-{k_tag}" if pick == c.pick else f"init-{k_tag}-{pick}")
         if v.init == "pretrained":
             pre = s / f"{k}-clm-pretrain{suffix}"
             pre_steps = c.pretrain_steps or n_steps
@@ -277,10 +283,47 @@ class Sweep:
             kw.update(teacher="", teacher_cache=str(self.out / "teacher-cache"), alpha_cos=0.0)
             how += " from the teacher cache (no hidden-state loss)"
         m.variant = how + (f"; {desc}" if desc else "")
+        if c.local_share and mode == "frozen":
+            local = out.with_name(out.name + "-local")
+            local_steps = max(round(c.local_share * n_steps), 1)  # a token budget: its share of the steps
+            n_steps -= local_steps
+            local_values = self._distil(local, init, local_steps, seed=seed, stage="local", teacher=str(self.teacher))
+            local_values.update(teacher_cache="", alpha_cos=0.0)
+            m.steps.append(Step("local stage", local / "run.json", partial(self._timed, local_values, init, None)))
+            m.variant += f"; local stage first ({100 * c.local_share:.0f}% of the budget)"
+            init, local_dir = local, local
+        else:
+            local_dir = None
         m.distil = values = self._distil(out, init, n_steps, seed=seed, **kw)
         done = (lambda: trained(out, n_steps)) if curve else None  # the curve's stops write run.json too
-        m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
+        if c.student_minutes:
+            first = s / (f"init-{k_tag}" if pick == c.pick else f"init-{k_tag}-{pick}")
+            m.steps.append(Step("distil", out / "run.json", partial(self._timed, values, first, local_dir), done))
+        else:
+            m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
         return m
+
+    def _timed(self, values: dict[str, Any], init: Path, local: Path | None) -> Any:
+        """Run a training stage inside the student's minutes: the local stage takes local_share of what the width
+        scoring left, global KD the rest of the budget once the local stage has run (read from their run.json)."""
+        c = self.cfg
+        if not c.student_minutes:
+            return _run_distil(self._resumed(values))
+        scoring = (read_done(init / "run.json").get("seconds") or 0.0) / 60
+        left = c.student_minutes - scoring
+        if values.get("stage") == "local":
+            minutes = c.local_share * left
+        else:
+            spent = (read_done(local / "run.json").get("metrics") or {}).get("train_seconds", 0.0) if local else 0.0
+            minutes = left - spent / 60
+        if minutes <= 0:
+            raise ConfigError(
+                f"student_minutes: {c.student_minutes:g} min are spent before {values['out']} could train "
+                f"(width scoring {scoring:.1f} min); give a larger budget"
+            )
+        timed = {**values, "max_minutes": minutes, "max_steps": 10**9, "save_every": 20}
+        timed["warmup_steps"] = c.warmup_steps
+        return _run_distil(self._resumed(timed))
 
     def _curve(self, main: Model) -> list[Model]:
         """The main student at each fraction of its budget: one run that stops, is copied aside and resumes (the
