@@ -4,10 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
-# make demo: the real model. TOKENS (KD tokens) and EXAMPLES (evaluated lines) left empty keep the config's.
-DEMO_OUT ?= runs/demo-real
-TOKENS   ?=
-EXAMPLES ?=
+# make demo: the real model. TOKENS (KD tokens), BUDGET (training minutes per student, every stage counted, e.g. 15m)
+# and EXAMPLES (evaluated lines) left empty keep the config's.
+DEMO_OUT     ?= runs/demo-real
+DEMO_STUDENT ?= students/kd-15
+TOKENS       ?=
+BUDGET       ?=
+EXAMPLES     ?=
 
 .PHONY: install demo study-toy study-real test lint format clean
 
@@ -23,8 +26,14 @@ install: $(STAMP)
 ## raw standard library, teacher and student evaluated side by side (configs/demo-real.yaml).
 demo: $(STAMP)
 	$(BIN)/distil-codegpt sweep configs/demo-real.yaml --out $(DEMO_OUT) \
-		$(if $(TOKENS),--student-tokens $(TOKENS)) $(if $(EXAMPLES),--eval-limit $(EXAMPLES))
-	@echo "serve the student to an editor: $(BIN)/distil-codegpt serve --model $(DEMO_OUT)/students/kd-15"
+		$(if $(TOKENS),--student-tokens $(TOKENS)) $(if $(BUDGET),--student-minutes $(patsubst %m,%,$(BUDGET))) \
+		$(if $(EXAMPLES),--eval-limit $(EXAMPLES))
+	@test -f $(DEMO_OUT)/student-q8_0.gguf || $(BIN)/distil-codegpt export --model $(DEMO_OUT)/$(DEMO_STUDENT) \
+		--format gguf --quant q8_0 --out $(DEMO_OUT)/student-q8_0.gguf
+	@echo "the student for llama.cpp, Ollama and LM Studio: $(DEMO_OUT)/student-q8_0.gguf"
+	@echo "  llama-server -m $(DEMO_OUT)/student-q8_0.gguf --port 8012   # llama.vscode"
+	@echo "  ollama create student -f $(DEMO_OUT)/student-q8_0.Modelfile"
+	@echo "serve the student to an editor: $(BIN)/distil-codegpt serve --model $(DEMO_OUT)/$(DEMO_STUDENT)"
 
 ## The seed study's experiment at toy scale: a teacher trained here from scratch (configs/study-toy.yaml).
 study-toy: $(STAMP)
