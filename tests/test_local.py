@@ -127,23 +127,14 @@ def test_the_local_loss_falls_and_resumes_exactly(teacher_dir, tiny_data, tmp_pa
     assert metrics["steps"] == 40
     # 40 straight steps against 20 + 20 after an interruption (it checkpoints on the way out)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    cfg = local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "b", max_steps=40)
-    first = Trainer(
-        cfg,
-        setup_runtime(cfg),
-        AutoModelForCausalLM.from_pretrained(tmp_path / "s"),
-        tiny_data["shards"],
-        teacher=teacher,
-    )
-    first.fit(stop_at=20)
-    cfg = local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "b", max_steps=40, resume=True)
-    resumed = Trainer(
-        cfg,
-        setup_runtime(cfg),
-        AutoModelForCausalLM.from_pretrained(tmp_path / "s"),
-        tiny_data["shards"],
-        teacher=teacher,
-    )
+
+    def trainer(**kw) -> Trainer:
+        cfg = local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "b", max_steps=40, **kw)
+        s = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+        return Trainer(cfg, setup_runtime(cfg), s, tiny_data["shards"], teacher=teacher)
+
+    trainer().fit(stop_at=20)
+    resumed = trainer(resume=True)
     resumed.fit()
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     for k, v in resumed.student.state_dict().items():
