@@ -1,0 +1,110 @@
+"""One row per student recipe against its teacher: shape, parameters, compute share, ES / EM, ES kept with its 95%
+paired-bootstrap interval, latency, and the minutes and tokens of every training stage.
+
+    python benchmarks/recipe_table.py runs/pilot teacher A-kd B-kd C-kd
+
+Each name is a model directory under the root with an evaluation in NAME/eval (`evaluate --out NAME/eval`). A
+student's stages are found by walking back from its run.json: each distil run names the student it started from,
+down to the `student` run that cut it from the teacher (whose seconds are the width and layer scoring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoConfig
+
+from distil_codegpt.experiment.noise import REPS, eval_dir, example_scores
+from distil_codegpt.model import shape
+
+
+def stages(model: Path) -> list[tuple[str, float, int]]:
+    """(stage, minutes, tokens) from the cut to the final model, oldest first."""
+    out: list[tuple[str, float, int]] = []
+    run = model / "run.json"
+    while run.is_file():
+        r = json.loads(run.read_text())
+        m = r.get("metrics") or {}
+        if r["stage"] == "student":
+            out.append(("cut", r["seconds"] / 60, 0))
+            break
+        name = (r["config"].get("stage") or "global") if r["stage"] == "distil" else r["stage"]
+        out.append((name, m.get("train_seconds", m.get("seconds", 0.0)) / 60, m.get("tokens", 0)))
+        start = Path(r["config"].get("student") or "")
+        run = (start if start.is_absolute() else Path.cwd() / start) / "run.json"
+        if not run.is_file():
+            run = model.parent / start.name / "run.json"
+    return out[::-1]
+
+
+def kept_interval(s: np.ndarray, t: np.ndarray, reps: int = REPS, seed: int = 0) -> tuple[float, float, float]:
+    """ES kept (mean s / mean t) and its 95% paired-bootstrap interval over the examples."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(s), size=(reps, len(s)))
+    ratios = s[idx].mean(1) / t[idx].mean(1)
+    return float(s.mean() / t.mean()), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def row(root: Path, name: str, teacher: dict[str, Any]) -> dict[str, Any]:
+    d = eval_dir(root / name)
+    m = json.loads((d / "metrics.json").read_text())
+    config = AutoConfig.from_pretrained(root / name)
+    sh = shape.shape_of(config)
+    macs = shape.macs_per_token(config)
+    s = example_scores(d, m)
+    kept = kept_interval(s, teacher["scores"]) if s is not None and len(s) == len(teacher["scores"]) else None
+    return {
+        "name": name,
+        "shape": f"{sh.layers} x (ffn {sh.ffn}, heads {sh.heads}, hidden {sh.hidden})",
+        "params": m.get("params"),
+        "share": macs / teacher["macs"],
+        "es": m["edit_sim"],
+        "em": m["exact_match"],
+        "kept": kept,
+        "cold": m.get("latency_ms_p50"),
+        "warm": m.get("warm_latency_ms_p50"),
+        "stages": stages(root / name),
+        "n": m["n"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("root", help="the folder the models are in")
+    ap.add_argument("teacher", help="the teacher's directory under root")
+    ap.add_argument("students", nargs="+", help="student directories under root")
+    args = ap.parse_args()
+    root = Path(args.root)
+    td = eval_dir(root / args.teacher)
+    tm = json.loads((td / "metrics.json").read_text())
+    teacher = {
+        "scores": example_scores(td, tm),
+        "macs": shape.macs_per_token(AutoConfig.from_pretrained(root / args.teacher)),
+        "es": tm["edit_sim"],
+    }
+    print(
+        "| Model | Shape | Params | Compute | ES | EM | ES kept (95%) | Cold p50 (ms) | Warm p50 (ms) | Stages "
+        "(minutes, tokens) | Train min |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    )
+    print(
+        f"| {args.teacher} | - | {tm.get('params', 0):,} | 100% | {tm['edit_sim']:.1f} | {tm['exact_match']:.1f} | "
+        f"100% | {tm.get('latency_ms_p50', 0):.0f} | {tm.get('warm_latency_ms_p50', 0):.0f} | - | - |"
+    )
+    for name in args.students:
+        r = row(root, name, teacher)
+        kept = f"{100 * r['kept'][0]:.1f}% ({100 * r['kept'][1]:.1f}-{100 * r['kept'][2]:.1f})" if r["kept"] else "-"
+        st = ", ".join(f"{s} {mins:.1f}" + (f" / {tok:,}" if tok else "") for s, mins, tok in r["stages"])
+        total = sum(mins for _, mins, _ in r["stages"])
+        print(
+            f"| {name} | {r['shape']} | {r['params']:,} | {100 * r['share']:.1f}% | {r['es']:.1f} | {r['em']:.1f} | "
+            f"{kept} | {r['cold'] or 0:.0f} | {r['warm'] or 0:.0f} | {st} | {total:.1f} |"
+        )
+    print(f"\n{r['n']} examples; ES kept = student ES / teacher ES on the same examples")
+
+
+if __name__ == "__main__":
+    main()
