@@ -7,7 +7,7 @@ OUT    ?= runs/demo
 # make demo: the real model. TOKENS (KD tokens), BUDGET (training minutes per student, every stage counted, e.g. 15m)
 # and EXAMPLES (evaluated lines) left empty keep the config's.
 DEMO_OUT     ?= runs/demo-real
-DEMO_STUDENT ?= students/kd-15
+DEMO_STUDENT ?= students/kd-20-ffn600
 TOKENS       ?=
 BUDGET       ?=
 EXAMPLES     ?=
