@@ -367,3 +367,5 @@ def test_width_cut_students_with_a_local_stage_inside_a_minutes_budget(tmp_path:
     assert kd["metrics"]["stop_reason"] == "max_minutes"
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     assert [r["label"] for r in rows if r["label"].startswith("2 layers")] == ["2 layers, ffn 64, heads 2"]
+    trained = local["metrics"]["tokens"] + kd["metrics"]["tokens"]  # what ran in the minutes, not the token budget
+    assert [int(r["tokens"]) for r in rows if r["label"].startswith("2 layers")] == [trained]

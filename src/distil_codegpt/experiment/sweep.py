@@ -303,6 +303,13 @@ class Sweep:
             m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
         return m
 
+    def _trained_tokens(self, m: Model) -> int | None:
+        """The tokens a student's training stages ran (local stage and global KD), from their run.json."""
+        if m.tokens is None:
+            return None
+        runs = [self.out / m.name / "run.json", self.out / f"{m.name}-local" / "run.json"]
+        return sum((read_done(r).get("metrics") or {}).get("tokens", 0) for r in runs)
+
     def _timed(self, values: dict[str, Any], init: Path, local: Path | None) -> Any:
         """Run a training stage inside the student's minutes: the local stage takes local_share of what the width
         scoring left, global KD the rest of the budget once the local stage has run (read from their run.json)."""
@@ -421,6 +428,9 @@ class Sweep:
         write_json(self.out / "sweep.json", info)
         plan = self.plan(models)
         done = self._execute(plan)
+        if c.student_minutes:  # a budget of minutes: the tokens are what each student's stages trained on
+            info["models"] = [_entry(m, self._trained_tokens(m)) for m in models]
+            write_json(self.out / "sweep.json", info)
         summary = build_report(build_config(ReportConfig, {"dir": str(self.out)}))
         seconds = time.perf_counter() - self.t0
         write_manifest(self.out, "sweep", to_dict(c), {"steps": len(plan), "skipped": done}, seconds, c.seed)
@@ -467,9 +477,10 @@ def _run_distil(values: dict[str, Any]) -> Any:
     return run_distil(build_config(DistilConfig, values))
 
 
-def _entry(m: Model) -> dict[str, Any]:
+def _entry(m: Model, tokens: int | None = None) -> dict[str, Any]:
     entry = {"name": m.name, "label": m.label, "layers": m.layers, "kind": m.kind, "variant": m.variant}
-    return entry | ({"tokens": m.tokens, "seed": m.seed} if m.tokens is not None else {})
+    tokens = m.tokens if tokens is None else tokens
+    return entry | ({"tokens": tokens, "seed": m.seed} if tokens is not None else {})
 
 
 def _mmss(seconds: float) -> str:
