@@ -283,6 +283,7 @@ class Sweep:
             kw.update(teacher="", teacher_cache=str(self.out / "teacher-cache"), alpha_cos=0.0)
             how += " from the teacher cache (no hidden-state loss)"
         m.variant = how + (f"; {desc}" if desc else "")
+        cut = init  # the student as cut from the teacher: its run.json holds the scoring's seconds
         if c.local_share and mode == "frozen":
             local = out.with_name(out.name + "-local")
             local_steps = max(round(c.local_share * n_steps), 1)  # a token budget: its share of the steps
@@ -297,8 +298,7 @@ class Sweep:
         m.distil = values = self._distil(out, init, n_steps, seed=seed, **kw)
         done = (lambda: trained(out, n_steps)) if curve else None  # the curve's stops write run.json too
         if c.student_minutes:
-            first = s / (f"init-{k_tag}" if pick == c.pick else f"init-{k_tag}-{pick}")
-            m.steps.append(Step("distil", out / "run.json", partial(self._timed, values, first, local_dir), done))
+            m.steps.append(Step("distil", out / "run.json", partial(self._timed, values, cut, local_dir), done))
         else:
             m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
         return m

@@ -110,7 +110,7 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor]) -> Importance:
     try:
         device = next(model.parameters()).device
         for x in batches:
-            model(input_ids=x.to(device), use_cache=False)
+            model(input_ids=x.to(device), use_cache=False, logits_to_keep=1)  # the scores need no logits
             tokens += x.numel()
     finally:
         for h in handles:

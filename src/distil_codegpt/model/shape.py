@@ -124,7 +124,7 @@ def cut_config(config: PretrainedConfig, shape: Shape) -> PretrainedConfig:
     change, since the families derive it from hidden / heads otherwise."""
     fam = families.family(config)
     values = config.to_dict()
-    t = Shape(families.depth(config), families.ffn_width(config), families.n_heads(config), families.width(config))
+    t = shape_of(config)
     if shape.ffn != t.ffn:
         values[fam.ffn] = shape.ffn
     if (shape.heads, shape.hidden) != (t.heads, t.hidden):
