@@ -2,6 +2,7 @@
 paired-bootstrap interval, latency, and the minutes and tokens of every training stage.
 
     python benchmarks/recipe_table.py runs/pilot teacher A-kd B-kd C-kd
+    python benchmarks/recipe_table.py runs/demo-real teacher students/kd-20-ffn600      # run from the clone's root
 
 Each name is a model directory under the root with an evaluation in NAME/eval (`evaluate --out NAME/eval`). A
 student's stages are found by walking back from its run.json: each distil run names the student it started from,
@@ -83,7 +84,12 @@ def main() -> None:
     tm = json.loads((td / "metrics.json").read_text())
     teacher = {
         "scores": example_scores(td, tm),
-        "macs": shape.macs_per_token(AutoConfig.from_pretrained(root / args.teacher)),
+        # the teacher's own directory, or, for a sweep's teacher (evaluated only there), the model its eval names
+        "macs": shape.macs_per_token(
+            AutoConfig.from_pretrained(
+                root / args.teacher if (root / args.teacher / "config.json").is_file() else tm["model"]
+            )
+        ),
         "es": tm["edit_sim"],
     }
     print(
