@@ -158,6 +158,7 @@ class Trainer:
             cfg = cfg.resolve(pretrained_teacher(source))
         self.cfg, self.rt, self.on_save = cfg, rt, on_save
         self.seconds_before, self.resumed_at = 0.0, None  # training time of earlier processes; this one's start
+        self.eval_seconds = 0.0  # dev evaluation in this process: not training time, so not in the budget
         self.per_rank, self.micro = batch_split(cfg, rt.world)
         self.train_data = TokenShard(shard_dir, "train")
         self.dev_data = TokenShard(shard_dir, "dev")
@@ -374,7 +375,9 @@ class Trainer:
 
     def train_seconds(self) -> float:
         """Training time so far, over every process that resumed this run (the --max-minutes budget)."""
-        return self.seconds_before + (time.perf_counter() - self.resumed_at if self.resumed_at is not None else 0.0)
+        if self.resumed_at is None:
+            return self.seconds_before
+        return self.seconds_before + time.perf_counter() - self.resumed_at - self.eval_seconds
 
     def time_done(self) -> float:
         """The share of the --max-minutes budget spent (0 without one)."""
@@ -446,18 +449,21 @@ class Trainer:
         bar = tqdm(total=total, initial=done, desc=desc, disable=not rt.main, **(unit if timed else {}))
         record: dict[str, Any] = {}
         reason = "max_steps"
+        pace = _Pace(cfg.save_every)
         try:
             while self.step < cfg.max_steps:
                 if cfg.max_tokens and self.tokens >= cfg.max_tokens:
                     reason = "max_tokens"
                     break
-                if cfg.max_minutes and self.train_seconds() >= cfg.max_minutes * 60:
-                    reason = "max_minutes"
+                if timed and self.train_seconds() + pace.next_cost(self.step + 1) > total:
+                    reason = "max_minutes"  # the next step (and its save, and the last save) would not fit
                     break
                 if stop_at is not None and self.step >= stop_at:
                     reason = "stopped"
                     break
+                began = time.perf_counter()
                 parts = self.train_step()
+                pace.stepped(time.perf_counter() - began)
                 bar.update(min(self.train_seconds(), total) - bar.n if timed else 1)
                 record = {"step": self.step, "tokens": self.tokens, "lr": self.sched.get_last_lr()[0], **parts}
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -470,7 +476,9 @@ class Trainer:
                 if log is not None and ("tokens_per_s" in record or "dev_loss" in record):
                     _log(log, writer, record)
                 if cfg.save_every and self.step % cfg.save_every == 0:
+                    began = time.perf_counter()
                     self.save()
+                    pace.saved(time.perf_counter() - began)
         except KeyboardInterrupt:
             reason = "interrupted"
             self.save()
@@ -507,10 +515,33 @@ class Trainer:
         return all(torch.equal(g.cpu(), digest) for g in gathered)
 
     def _evaluate_all(self) -> dict[str, float]:
+        start = time.perf_counter()
         metrics = self.evaluate(self.student)
         if self.teacher_trains and self.teacher is not None:
             metrics.update({f"teacher_{k}": v for k, v in self.evaluate(self.teacher).items()})
+        if self.resumed_at is not None:
+            self.eval_seconds += time.perf_counter() - start
         return metrics
+
+
+class _Pace:
+    """What the next step will cost, so that a time budget ends before it runs out rather than one step after: a
+    step's seconds (the slower of the last and a running mean) plus a checkpoint save where one falls due, and
+    the final save kept in reserve. A save's cost is the last one measured (none yet: nothing reserved)."""
+
+    def __init__(self, save_every: int) -> None:
+        self.save_every, self.step_s, self.mean_s, self.save_s = save_every, 0.0, 0.0, 0.0
+
+    def stepped(self, seconds: float) -> None:
+        self.mean_s = seconds if not self.mean_s else 0.8 * self.mean_s + 0.2 * seconds
+        self.step_s = seconds
+
+    def saved(self, seconds: float) -> None:
+        self.save_s = seconds
+
+    def next_cost(self, step: int) -> float:
+        due = self.save_every and step % self.save_every == 0
+        return max(self.step_s, self.mean_s) + self.save_s * (2 if due else 1)
 
 
 def _tensorboard(out: Path) -> Any:
