@@ -15,9 +15,12 @@ one at a time as an editor asks, after one untimed completion:
 Rows (--rows picks some; the student rows are made for every --student):
 
   teacher-fp32, teacher-bf16   the teacher; bf16 is autocast, fast only on a CPU with native bf16 (AVX-512 BF16, AMX)
+  teacher-int8                 the teacher through `compress --quantize int8`
   teacher-llamacpp, llamacpp   the teacher / the student run by llama.cpp (`--engine llamacpp`: the model exported once
                                to an f32 GGUF, its own KV cache reused as the prefix cache; skipped with a note
                                without llama-cpp-python or for a family GGUF export refuses)
+  [teacher-]llamacpp-f16, -q8_0, -q4_0
+                               the same through `export --format gguf --quant f16|q8_0|q4_0` (built once in --work)
   fp32, bf16                   the student
   int8                         `compress --quantize int8` (torch.ao dynamic int8, the head included)
   ct2-int8                     `export --quantize int8` (CTranslate2; it keeps no prefix cache, so warm is cold;
@@ -25,12 +28,14 @@ Rows (--rows picks some; the student rows are made for every --student):
   trim                         `compress --trim-vocab DATA` (fp32; the head keeps the ids DATA's train split uses)
   draft                        the teacher, with the student drafting (speculative and greedy: the teacher's output)
 
-Columns: p50/p95 ms per line cold and warm; gen tok/s (new tokens after the first / time after the first token,
-cold); prefill tok/s (prompt tokens read / time to the first token, cold); RSS MB (peak resident memory of the row's
-process: its models, caches and runtime); disk MB (weight files; the draft row: teacher + student); ES and EM of the
-cold completions against the rest of the line; =T (completions identical to teacher fp32's); acc (the share of
-drafted tokens the teacher accepted) and tok/pass (tokens per teacher forward pass); the speed-ups divide teacher
-fp32's cold p50 by the row's cold and warm p50, and disk / T is the row's disk size over teacher fp32's.
+Columns: p50/p95 ms per line cold and warm; first byte (p50 ms to the first token, cold and warm); gen tok/s (new
+tokens after the first / time after the first token, cold); prefill tok/s (prompt tokens read / time to the first
+token, cold); RSS MB (peak resident memory of the row's process: its models, caches and runtime); disk MB (weight
+files; the draft row: teacher + student); ES and EM of the cold completions against the rest of the line; =T
+(completions identical to teacher fp32's); acc (the share of drafted tokens the teacher accepted) and tok/pass
+(tokens per teacher forward pass); the speed-ups divide teacher
+fp32's cold p50 by the row's cold and warm p50, and disk / T is the row's disk size over teacher fp32's. With
+--eval-test, each row's model is also evaluated on that file (test ES, EM and examples/s of `evaluate`).
 
 Each row runs in its own process, so that one row's OpenMP threads and memory neither slow nor inflate the next. The
 int8, CTranslate2 and trimmed artifacts are built once in --work (a temporary dir unless given) and reused. Run it on
@@ -54,8 +59,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-TEACHER_ROWS = ("teacher-fp32", "teacher-bf16", "teacher-llamacpp")
-STUDENT_ROWS = ("fp32", "bf16", "int8", "ct2-int8", "trim", "llamacpp", "draft")
+GGUF_QUANTS = ("f16", "q8_0", "q4_0")  # llama.cpp rows beside the f32 one (`llamacpp`)
+KINDS = ("fp32", "bf16", "int8", "ct2-int8", "trim", "llamacpp", *(f"llamacpp-{q}" for q in GGUF_QUANTS), "draft")
+TEACHER_KINDS = ("fp32", "bf16", "int8", "llamacpp", *(f"llamacpp-{q}" for q in GGUF_QUANTS))
+TEACHER_ROWS = tuple(f"teacher-{k}" for k in TEACHER_KINDS)
+STUDENT_ROWS = KINDS
 ROWS = TEACHER_ROWS + STUDENT_ROWS
 
 
@@ -245,17 +253,26 @@ def build(work: Path, name: str, run: Any, cls: type, values: dict[str, str]) ->
     return out
 
 
-def gguf_row(name: str, model: str) -> dict[str, str]:
-    """A llama.cpp row: the model's f32 GGUF (exported once, cached) and the tokenizer imported from it, both made
-    here so that the row's process only loads them (its RSS is llama.cpp's, not the export's)."""
-    from distil_codegpt.config import UserError
+def gguf_row(name: str, model: str, quant: str, work: Path) -> dict[str, str]:
+    """A llama.cpp row: the model's GGUF (f32: exported once into the engine's cache; other types: built once in
+    `work` by `export --format gguf`) and the tokenizer imported from it, both made here so that the row's process
+    only loads them (its RSS is llama.cpp's, not the export's)."""
+    from distil_codegpt.compress.export import run_export
+    from distil_codegpt.config import ExportConfig, UserError, build_config
 
     try:
         from distil_codegpt.model.gguf import cached_import
         from distil_codegpt.serve.llamacpp_engine import exported_gguf, llama_cpp_module
 
         llama_cpp_module()
-        path = exported_gguf(model)
+        if quant == "f32":
+            path = exported_gguf(model)
+        else:
+            path = work / f"{Path(model).name}-{quant}.gguf"
+            if not path.is_file():  # the export writes whole or nothing
+                print(f"building {path} ...", flush=True)
+                values = {"model": model, "format": "gguf", "quant": quant, "out": str(path)}
+                run_export(build_config(ExportConfig, values))
         cached_import(path)
     except UserError as e:
         return {"name": name, "skip": str(e)}
@@ -268,38 +285,31 @@ def plan(a: argparse.Namespace, work: Path) -> list[dict[str, str]]:
     from distil_codegpt.compress.run import run_compress
     from distil_codegpt.config import CompressConfig, ExportConfig, UserError
 
-    rows = [
-        {"name": f"teacher {p}", "path": a.teacher, "precision": p, "draft": ""}
-        for p in ("fp32", "bf16")
-        if f"teacher-{p}" in a.rows
-    ]
-    if "teacher-llamacpp" in a.rows:
-        rows.append(gguf_row("teacher llamacpp", a.teacher))
-    for student in a.student:
-        label = Path(student).name
+    models = [("teacher", a.teacher, [k for k in TEACHER_KINDS if f"teacher-{k}" in a.rows])]
+    models += [(Path(s).name, s, [k for k in STUDENT_ROWS if k in a.rows]) for s in a.student]
+    rows = []
+    for label, model, kinds in models:
         made = {  # row kind -> (artifact dir, verb, its config, values)
             "int8": (f"{label}-int8", run_compress, CompressConfig, {"quantize": "int8"}),
             "ct2-int8": (f"{label}-ct2-int8", run_export, ExportConfig, {"quantize": "int8"}),
             "trim": (f"{label}-trim", run_compress, CompressConfig, {"trim_vocab": a.data}),
         }
-        for kind in (k for k in STUDENT_ROWS if k in a.rows):
+        for kind in kinds:
             name = f"teacher + {label} draft" if kind == "draft" else f"{label} {kind}"
-            if kind == "llamacpp":
-                rows.append(gguf_row(name, student))
+            if kind.startswith("llamacpp"):
+                rows.append(gguf_row(name, model, kind.partition("-")[2] or "f32", work))
                 continue
             try:
                 if kind in made:
                     artifact, run, cls, values = made[kind]
-                    path = str(build(work, artifact, run, cls, {"model": student, **values}))
+                    path = str(build(work, artifact, run, cls, {"model": model, **values}))
                 else:
-                    path = a.teacher if kind == "draft" else student
+                    path = a.teacher if kind == "draft" else model
             except UserError as e:
                 rows.append({"name": name, "skip": str(e)})
                 continue
             precision = "bf16" if kind == "bf16" else "fp32"
-            rows.append(
-                {"name": name, "path": path, "precision": precision, "draft": student if kind == "draft" else ""}
-            )
+            rows.append({"name": name, "path": path, "precision": precision, "draft": model if kind == "draft" else ""})
     return rows
 
 
@@ -338,14 +348,47 @@ def check_inputs(a: argparse.Namespace) -> None:
             )
 
 
+EVAL_SKIP = ("bf16", "draft")  # emulated bf16 is the fp32 model slower; a draft's output is the teacher's
+
+
+def evaluate_rows(rows: list[dict[str, Any]], a: argparse.Namespace, work: Path, save: Any) -> None:
+    """`distil-codegpt evaluate` of each timed row's model on --eval-test (greedy, the row's engine: a .gguf runs
+    on llama.cpp), each in its own process, into work/eval-<row>; EM, ES and the examples/s of the pass join the
+    row. An evaluation already finished there (run.json) is reused, so a rerun only does what is left."""
+    for row in rows:
+        if "cold" not in row or row["name"].rsplit(" ", 1)[-1] in EVAL_SKIP:
+            continue
+        out = work / ("eval-" + row["name"].replace(" ", "-"))
+        print(f"evaluate {row['name']}: ", end="", flush=True)
+        if not (out / "run.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "distil_codegpt.cli", "evaluate", "--model", row["path"], "--test"]
+            cmd += [a.eval_test, "--out", str(out), "--limit", str(a.eval_limit), "--context", str(a.eval_context)]
+            cmd += ["--max-new-tokens", str(a.max_new_tokens), "--latency-samples", "0", "--batch-size", "8"]
+            cmd += ["--threads", str(a.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                row["eval_error"] = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                print(f"failed: {row['eval_error']}", flush=True)
+                continue
+        m = json.loads((out / "metrics.json").read_text())
+        row["eval"] = {k: m.get(k) for k in ("exact_match", "edit_sim", "n", "samples_per_s", "engine", "disk_mb")}
+        print(f"ES {m['edit_sim']:.2f}, EM {m['exact_match']:.2f} ({m['n']} examples)", flush=True)
+        save()
+
+
 # ------------------------------------------------------------ the table
 
 
 def markdown(rows: list[dict[str, Any]]) -> list[str]:
     """The rows as a markdown table (docs/PERFORMANCE.md), with speed-ups against teacher fp32 cold."""
     base = next((r for r in rows if r["name"] == "teacher fp32" and "cold" in r), None)
-    head = "| row | cold p50 ms | cold p95 ms | warm p50 ms | warm p95 ms | gen tok/s | prefill tok/s | RSS MB"
+    head = "| row | cold p50 ms | cold p95 ms | warm p50 ms | warm p95 ms | 1st byte cold | 1st byte warm"
+    head += " | gen tok/s | prefill tok/s | RSS MB"
     head += " | disk MB | ES | EM | =T | acc | tok/pass | speed-up cold | speed-up warm | disk / T |"
+    tested = [r for r in rows if "eval" in r]
+    if tested:
+        head += " test ES | test EM | test ex/s |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "cold" not in r:
@@ -366,10 +409,15 @@ def markdown(rows: list[dict[str, Any]]) -> list[str]:
             else f"({w['p50_ms']:.0f}) | ({w['p95_ms']:.0f})"
         )
         lines.append(
-            f"| {r['name']} | {c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {warm} | {c['gen_tokens_per_s']:.1f}"
+            f"| {r['name']} | {c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {warm} | {c['ttft_p50_ms']:.0f}"
+            f" | {w['ttft_p50_ms']:.0f} | {c['gen_tokens_per_s']:.1f}"
             f" | {c['prefill_tokens_per_s']:.0f} | {r['rss_mb']:.0f} | {r['disk_mb']:.1f} | {r['es']:.1f}"
             f" | {r['em']:.0f} | {same} | {draft} | {up} |"
         )
+        if tested:
+            e = r.get("eval")
+            scores = f" {e['edit_sim']:.1f} | {e['exact_match']:.1f} | {e['samples_per_s']:.2f} |" if e else ""
+            lines[-1] += scores or " - | - | - |"
     return lines
 
 
@@ -439,6 +487,12 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS or the cores)"
     )
+    p.add_argument(
+        "--eval-test",
+        help="also `evaluate` each row's model (not bf16, draft) on this line-completion file (a sweep's test set)",
+    )
+    p.add_argument("--eval-limit", type=int, default=100, help="examples of --eval-test (0 = all)")
+    p.add_argument("--eval-context", type=int, default=1024, help="--context of those evaluations")
     p.add_argument("--work", help="where the int8, CTranslate2 and trimmed artifacts go (default: a temporary dir)")
     p.add_argument("--out", help="write the rows, settings and completions here as JSON")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: path, precision, draft ("" for none)
@@ -504,6 +558,8 @@ def main() -> None:
 
     time_rows(rows, argv, save)
     save()
+    if a.eval_test:
+        evaluate_rows(rows, a, work, save)
     print()
     print("\n".join(markdown(rows)))
     for note in notes(rows):
