@@ -18,9 +18,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from distil_codegpt.cli import main
+from distil_codegpt.fim_templates import TEMPLATES
 from distil_codegpt.model import families
 from distil_codegpt.model.gguf_export import FIM, PRE_TOKENIZERS
-from distil_codegpt.serve.fim import TEMPLATES
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ["textwrap.py", "string.py", "shlex.py", "glob.py", "fnmatch.py"]
@@ -199,10 +199,9 @@ def test_tokenizer_metadata(saved: dict, f32: dict) -> None:
     assert "tokenizer.ggml.fim_pre_token_id" not in ours.fields
 
 
-def test_fim_table_follows_serve_templates() -> None:
-    for name, t in FIM.items():
-        assert (t.pre, t.suf, t.mid) == (TEMPLATES[name].pre, TEMPLATES[name].suf, TEMPLATES[name].mid)
-        assert not TEMPLATES[name].spm
+def test_gguf_fim_table_is_the_prefix_first_templates() -> None:
+    assert set(FIM) == {"starcoder", "qwen", "codellama", "deepseek"}
+    assert all(FIM[name] is TEMPLATES[name] for name in FIM)
 
 
 def test_modelfile_and_printed_commands(saved: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from distil_codegpt.fim_templates import TEMPLATES
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field, the value and the fix."""
@@ -767,7 +769,6 @@ class ServeConfig:
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
         for name in ("cache_slots", "max_predict_ms"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 (off) or more")
-        from distil_codegpt.serve.fim import TEMPLATES
 
         _check(self.fim in ("none", *TEMPLATES), "fim", self.fim, f"use none or one of {', '.join(TEMPLATES)}")
 

@@ -31,7 +31,6 @@ import json
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from transformers import PreTrainedModel
 
 from distil_codegpt.config import UserError
 from distil_codegpt.data.tokenizer import end_ids, raw_framing
+from distil_codegpt.fim_templates import TEMPLATES, Template
 from distil_codegpt.model import families
 from distil_codegpt.runinfo import atomic_open
 
@@ -79,24 +79,9 @@ PROBES = (
 )
 
 
-@dataclass(frozen=True)
-class Fim:
-    """A FIM layout as llama.cpp reads it from a vocabulary: serve/fim.py's templates that put the prefix first."""
-
-    pre: str
-    suf: str
-    mid: str
-    pad: str = ""
-    rep: str = ""
-    sep: str = ""
-
-
-FIM = {
-    "starcoder": Fim("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<repo_name>", "<file_sep>"),
-    "qwen": Fim("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"),
-    "codellama": Fim("<PRE> ", " <SUF>", " <MID>"),
-    "deepseek": Fim("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-}
+# the templates llama.cpp can read from a vocabulary's FIM ids: those that put the prefix first
+FIM = {name: t for name, t in TEMPLATES.items() if not t.spm}
+FIM_ROLES = (("pre", "pre"), ("suf", "suf"), ("mid", "mid"), ("pad", "pad"), ("rep", "repo"), ("sep", "file_sep"))
 
 
 def _refuse(model: str, why: str, fix: str) -> UserError:
@@ -127,7 +112,7 @@ def pick_pre(backend: Tokenizer, model: str = "the model") -> str:
     )
 
 
-def _fim(vocab: dict[str, int]) -> tuple[str, Fim] | None:
+def _fim(vocab: dict[str, int]) -> tuple[str, Template] | None:
     for name, t in FIM.items():
         if all(m.strip() in vocab for m in (t.pre, t.suf, t.mid)):
             return name, t
@@ -241,8 +226,15 @@ def write_gguf(model: PreTrainedModel, tok: Any, out: str | Path, quant: str, na
     vocab = tok.get_vocab()
     fim = _fim(vocab)
     if fim:
-        for role in ("pre", "suf", "mid", "pad", "rep", "sep"):
-            marker = getattr(fim[1], role).strip()
+        for role, attr in (
+            ("pre", "pre"),
+            ("suf", "suf"),
+            ("mid", "mid"),
+            ("pad", "pad"),
+            ("rep", "repo"),
+            ("sep", "file_sep"),
+        ):
+            marker = getattr(fim[1], attr).strip()
             if marker in vocab:
                 w.add_uint32(f"tokenizer.ggml.fim_{role}_token_id", vocab[marker])
 
@@ -302,7 +294,7 @@ def write_gguf(model: PreTrainedModel, tok: Any, out: str | Path, quant: str, na
     }
 
 
-def write_modelfile(gguf_path: Path, fim: Fim | None, stops: list[str], context: int) -> Path:
+def write_modelfile(gguf_path: Path, fim: Template | None, stops: list[str], context: int) -> Path:
     """An Ollama Modelfile beside the file, named after it (several quantizations can share a folder)."""
     if fim:
         body = f"{fim.pre}{{{{ .Prompt }}}}{fim.suf}{{{{ .Suffix }}}}{fim.mid}"

@@ -33,8 +33,9 @@ from distil_codegpt.data.normalize import (
 )
 from distil_codegpt.data.tokenizer import raw_framing, tokenizer_meta
 from distil_codegpt.evaluate.completion import StopIds
+from distil_codegpt.fim_templates import MARKERS
 from distil_codegpt.serve.engine import Engine
-from distil_codegpt.serve.fim import MARKERS, next_suffix_line, repo_context, suffix_overlap
+from distil_codegpt.serve.fim import next_suffix_line, repo_context, suffix_overlap
 from distil_codegpt.serve.fim import template_for as fim_template
 
 _STRING_START = re.compile(r"(?i:[rbuft]{0,2})('''|\"\"\"|'|\")")

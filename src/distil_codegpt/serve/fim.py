@@ -15,42 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from distil_codegpt.config import ConfigError
+from distil_codegpt.fim_templates import TEMPLATES, Template
 
-@dataclass(frozen=True)
-class Template:
-    """A FIM layout: markers around the prefix and suffix, in the order the model reads them."""
-
-    pre: str
-    suf: str
-    mid: str
-    spm: bool = False  # suffix first (Codestral, CodeGeeX): SUF S PRE P [MID]
-    file_sep: str = ""  # the marker before each other file of repository-level context
-    repo: str = ""  # the marker before the repository name
-
-    @property
-    def markers(self) -> tuple[str, ...]:
-        return tuple(m for m in (self.pre, self.suf, self.mid, self.file_sep, self.repo) if m.strip())
-
-
-TEMPLATES = {
-    "starcoder": Template("<fim_prefix>", "<fim_suffix>", "<fim_middle>", file_sep="<file_sep>", repo="<repo_name>"),
-    "qwen": Template(
-        "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", file_sep="<|file_sep|>", repo="<|repo_name|>"
-    ),
-    "codellama": Template("<PRE> ", " <SUF>", " <MID>"),
-    "deepseek": Template("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-    "codestral": Template("[PREFIX]", "[SUFFIX]", "", spm=True),
-    "codegeex": Template("<|code_prefix|>", "<|code_suffix|>", "<|code_middle|>", spm=True),
-}
-# text that is never code: a completion is cut where the model writes one (as text, not as a special id)
-MARKERS = tuple(
-    dict.fromkeys(
-        m.strip()
-        for t in TEMPLATES.values()
-        for m in (*t.markers, "<|endoftext|>", "<filename>", "<reponame>", "<gh_stars>", "<|fim_pad|>", "<EOT>")
-        if m.strip().startswith("<")
-    )
-)
 _HOLE = re.compile(r"<QUERY>\n(.*)\{\{FILL_HERE\}\}(.*)\n</QUERY>\nTASK: Fill the \{\{FILL_HERE\}\} hole", re.S)
 _BLANK = re.compile(r"^```\n(.*)\[BLANK\](.*)\n```\n\nFill in the blank to complete the code block", re.S)
 _CODEGEEX_HEADER = re.compile(r"\n*###PATH:[^\n]*\n###LANGUAGE:[^\n]*\n###MODE:[^\n]*\n$")
@@ -169,8 +136,6 @@ def next_suffix_line(suffix: str) -> str:
 
 def template_for(name: str, vocab_has: set[str]) -> Template:
     """The model's own template by name, refused when the tokenizer lacks its markers as single tokens."""
-    from distil_codegpt.config import ConfigError
-
     if name not in TEMPLATES:
         raise ConfigError(f"fim: unknown template {name!r}; use one of: none, {', '.join(TEMPLATES)}")
     t = TEMPLATES[name]
