@@ -63,7 +63,7 @@ def time_kd(a: argparse.Namespace, precision: str) -> dict:
 
 def time_decode(a: argparse.Namespace, path: str, precision: str) -> dict:
     """Prefill once (timed), then greedy steps with the cache; the head's time from hooks around its forward."""
-    from distil_codegpt.compress.quantize import load_for_evaluation
+    from distil_codegpt.engines.load import load_for_evaluation
 
     torch.set_num_threads(a.threads or torch.get_num_threads())
     model = load_for_evaluation(path)[0].eval()

@@ -42,7 +42,8 @@ from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.trainer import Trainer, setup_runtime
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, preset_config
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import preset_config
 from distil_codegpt.model.student import copy_weights, pick_layers
 
 MODES = ("naive", "frozen", "in-training", "cache", "clm")

@@ -172,14 +172,14 @@ def serve(model: str, cache_slots: int, max_tokens: int, draft: str = "", engine
     import uvicorn
 
     from distil_codegpt.config import ServeConfig, build_config
+    from distil_codegpt.engines.load import load_engine
     from distil_codegpt.serve.complete import Completer
-    from distil_codegpt.serve.engine import load_engine
     from distil_codegpt.serve.server import create_app
 
     port = free_port()
     cfg = build_config(ServeConfig, {"model": model, "port": port, "cache_slots": cache_slots, "engine": engine})
     cfg.max_tokens_limit = max(cfg.max_tokens_limit, max_tokens)
-    from distil_codegpt.serve.speculative import with_draft
+    from distil_codegpt.engines.speculative import with_draft
 
     loaded = with_draft(load_engine(model, "cpu", cache_slots, engine=engine), draft, "cpu", 0, cache_slots)
     app = create_app(Completer(loaded), cfg)

@@ -22,7 +22,8 @@ from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, load_model, preset_config
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import load_model, preset_config
 
 
 def naive(model, tok, inputs: list[str], max_new_tokens: int, stops: StopIds) -> list[str]:  # noqa: ANN001

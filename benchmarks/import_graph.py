@@ -1,10 +1,14 @@
-"""The import graph of src/distil_codegpt: circles between modules and imports that run up the layers.
+"""The import graph of src/distil_codegpt: circles between modules, imports that run up the layers, and project
+imports inside functions.
 
-    python benchmarks/import_graph.py            # every circle and upward import, then a count of each
+    python benchmarks/import_graph.py            # every circle, upward and function-level import, then a count of each
+    python benchmarks/import_graph.py SRC/PKG    # the same for another package directory
 
 Layers from the bottom (shared/DESIGN.md): settings and files -> data -> model -> distill -> compress -> engines ->
-evaluate -> serve -> experiment -> cli. Every import counts, at the top of a module or inside a function, except
-those of packages outside this project. Reads the source with `ast`: nothing is imported or run.
+evaluate -> serve -> experiment -> cli. Every import counts, at the top of a module, inside a function or under
+`if TYPE_CHECKING:`, except those of packages outside this project. An import inside a function is for an optional
+package, never to dodge a circle: the only project imports allowed there are cli.py's, which keep `--help` from
+loading torch. Reads the source with `ast`: nothing is imported or run. tests/test_import_graph.py runs the checks.
 """
 
 from __future__ import annotations
@@ -14,31 +18,58 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "distil_codegpt"
-PACKAGE = "distil_codegpt"
 LAYERS = ["", "data", "model", "distill", "compress", "engines", "evaluate", "serve", "experiment", "cli"]
 TOP_LEVEL = {"pipeline": "experiment", "report_text": "cli", "cli": "cli"}  # other top-level modules: settings, files
+LAZY_ALLOWED = ("cli",)  # modules whose functions may import the project: each verb loads its stage when it runs
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
+def module_name(path: Path, root: Path = SRC) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """The project modules `path` imports (a `from pkg import mod` names the module where it is one)."""
+def _imported(node: ast.Import | ast.ImportFrom, module: str, package: bool, prefix: str) -> set[str]:
+    """The project modules one import statement names (a `from pkg import mod` names the module where it is one)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name == prefix or a.name.startswith(prefix + ".")}
+    base = node.module or ""
+    if node.level:  # relative: from the module's own package, one level up per extra dot
+        parts = module.split(".")[: len(module.split(".")) - (0 if package else 1)]
+        parts = parts[: len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([node.module] if node.module else []))
+    if base != prefix and not base.startswith(prefix + "."):
+        return set()
+    return {base} | {f"{base}.{a.name}" for a in node.names}
+
+
+def imports(path: Path, root: Path = SRC) -> set[str]:
+    """The project modules `path` imports, wherever in the file."""
+    module, prefix = module_name(path, root), root.name
+    tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith(PACKAGE)}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found |= _imported(node, module, path.name == "__init__.py", prefix)
     return found
 
 
-def graph() -> dict[str, set[str]]:
-    files = {module_name(p): p for p in SRC.rglob("*.py")}
-    return {m: {i for i in imports(p) if i in files and i != m} for m, p in files.items()}
+def function_imports(path: Path, root: Path = SRC) -> list[tuple[int, str]]:
+    """(line, the statement) of each project import inside a function of `path`."""
+    module, prefix = module_name(path, root), root.name
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[tuple[int, str]] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    if _imported(node, module, path.name == "__init__.py", prefix):
+                        found.add((node.lineno, ast.unparse(node)))
+    return sorted(found)
+
+
+def graph(root: Path = SRC) -> dict[str, set[str]]:
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {m: {i for i in imports(p, root) if i in files and i != m} for m, p in files.items()}
 
 
 def layer(module: str) -> int:
@@ -88,15 +119,40 @@ def circles(g: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def main() -> None:
-    g = graph()
+def lazy(root: Path = SRC) -> tuple[list[tuple[str, int, str]], int]:
+    """(every project import inside a function outside `LAZY_ALLOWED`, as (module, line, statement); how many the
+    allowed modules hold)."""
+    allowed = {f"{root.name}.{m}" for m in LAZY_ALLOWED}
+    found, kept = [], 0
+    for p in sorted(root.rglob("*.py")):
+        module = module_name(p, root)
+        hits = function_imports(p, root)
+        if module in allowed:
+            kept += len(hits)
+        else:
+            found += [(module, line, statement) for line, statement in hits]
+    return found, kept
+
+
+def main(root: Path = SRC) -> None:
+    g = graph(root)
     found, up = circles(g), upward(g)
+    inside, kept = lazy(root)
+
+    def short(m: str) -> str:
+        return m.removeprefix(root.name + ".")
+
     for c in found:
-        print(f"circle of {len(c)}: {' '.join(m.removeprefix(PACKAGE + '.') for m in c)}")
+        print(f"circle of {len(c)}: {' '.join(short(m) for m in c)}")
     for a, b in up:
-        print(f"upward: {a.removeprefix(PACKAGE + '.')} -> {b.removeprefix(PACKAGE + '.')}")
-    print(f"{len(g)} modules, {sum(map(len, g.values()))} imports: {len(found)} circles, {len(up)} upward imports")
+        print(f"upward: {short(a)} -> {short(b)}")
+    for m, line, statement in inside:
+        print(f"in a function: {short(m)}:{line}: {statement}")
+    print(
+        f"{len(g)} modules, {sum(map(len, g.values()))} imports: {len(found)} circles, {len(up)} upward imports, "
+        f"{len(inside)} function-level project imports ({kept} more in {', '.join(LAZY_ALLOWED)}, allowed)"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else SRC)

@@ -124,7 +124,7 @@ def make_prompts(data: str, tok: Any, n: int, prompt_tokens: int, seed: int) -> 
 def set_cache_slots(engine: Any, n: int) -> None:
     """Prefix-cache slots of every engine inside `engine` that keeps a prefix cache (the draft row has two), emptied
     (llama.cpp's one context is overwritten from the first id when slots are 0)."""
-    from distil_codegpt.serve.engine import TorchEngine
+    from distil_codegpt.engines.base import TorchEngine
 
     for e in (engine.teacher, engine.draft) if hasattr(engine, "draft") else (engine,):
         if isinstance(e, TorchEngine):
@@ -189,10 +189,11 @@ def time_row(a: argparse.Namespace, path: str, precision: str, draft: str) -> di
     """Cold, then warm, over every prompt with one engine (loaded once: RSS is one copy of the model)."""
     import torch
 
+    from distil_codegpt.engines.base import TorchEngine
+    from distil_codegpt.engines.load import load_engine
+    from distil_codegpt.engines.speculative import DraftStats, SpeculativeEngine
     from distil_codegpt.evaluate.metrics import fuzz_ratio
     from distil_codegpt.serve.complete import Completer
-    from distil_codegpt.serve.engine import TorchEngine, load_engine
-    from distil_codegpt.serve.speculative import DraftStats, SpeculativeEngine
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -261,8 +262,8 @@ def gguf_row(name: str, model: str, quant: str, work: Path) -> dict[str, str]:
     from distil_codegpt.config import ExportConfig, UserError, build_config
 
     try:
+        from distil_codegpt.engines.llamacpp_engine import exported_gguf, llama_cpp_module
         from distil_codegpt.model.gguf import cached_import
-        from distil_codegpt.serve.llamacpp_engine import exported_gguf, llama_cpp_module
 
         llama_cpp_module()
         if quant == "f32":
@@ -319,8 +320,8 @@ def check_inputs(a: argparse.Namespace) -> None:
 
     from distil_codegpt.config import UserError
     from distil_codegpt.data.formats import corpus_format
+    from distil_codegpt.engines.load import engine_kind
     from distil_codegpt.model import families
-    from distil_codegpt.serve.engine import engine_kind
 
     for flag, value in (("n", a.n), ("prompt-tokens", a.prompt_tokens), ("max-new-tokens", a.max_new_tokens)):
         if value < 1:

@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from distil_codegpt.config import StudentConfig, UserError, build_config
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.engines.base import Engine, TorchEngine
+from distil_codegpt.engines.load import load_engine
 from distil_codegpt.model.presets import preset_config
 from distil_codegpt.serve.complete import Completer, Job, read_cursor, scan_end_state
-from distil_codegpt.serve.engine import Engine, TorchEngine, load_engine
 
 UNFINISHED = {
     "open_string": "def f(x):\n    return open('data.tx",

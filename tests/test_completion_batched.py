@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import encode_documents, load_tokenizer
+from distil_codegpt.engines.base import line_end_pick
 from distil_codegpt.evaluate import completion
 from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, finish, is_raw
 
@@ -152,10 +153,10 @@ def test_line_end_pick_takes_the_ends_as_one_outcome() -> None:
     end = torch.tensor([True, True, True, False, False])
     logits = torch.tensor([[0.2, 0.2, 0.2, 0.4, 1e-9], [0.1, 0.1, 0.1, 0.5, 0.2], [0.05, 0.3, 0.05, 0.25, 0.35]]).log()
     # ends 0.6 > 0.4: the likeliest end id; ends 0.3 < 0.5: plain argmax; ends 0.4 > 0.35: id 1, not argmax 4
-    assert completion.line_end_pick(logits, end).tolist() == [0, 3, 1]
-    assert completion.line_end_pick(logits, end[None].expand(3, -1)).tolist() == [0, 3, 1]
+    assert line_end_pick(logits, end).tolist() == [0, 3, 1]
+    assert line_end_pick(logits, end[None].expand(3, -1)).tolist() == [0, 3, 1]
     # majority: ends above 1/2 only (0.6; not 0.3 or 0.4)
-    assert completion.line_end_pick(logits, end, "majority").tolist() == [0, 3, 4]
+    assert line_end_pick(logits, end, "majority").tolist() == [0, 3, 4]
     assert logits.argmax(-1).tolist() == [3, 3, 4]
 
 

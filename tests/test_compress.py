@@ -27,11 +27,9 @@ from distil_codegpt.compress.prune import (
     mask_heads,
 )
 from distil_codegpt.compress.quantize import (
-    QuantizedTorchEngine,
     conv1d_to_linear,
     count_all_params,
     is_int8_linear,
-    load_for_evaluation,
     load_int8,
     quantize_int8,
     save_int8,
@@ -48,10 +46,12 @@ from distil_codegpt.config import (
 )
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.run import run_train
+from distil_codegpt.engines.base import QuantizedTorchEngine, TorchEngine
+from distil_codegpt.engines.load import load_engine, load_for_evaluation
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, preset_config
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import preset_config
 from distil_codegpt.model.shape import HEADS_KEY, apply_pruned_heads, unit_name
-from distil_codegpt.serve.engine import TorchEngine, load_engine
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2", "tiny-neox"]
 LOOP = {"seq_len": 64, "batch_size": 8, "eval_batches": 2, "eval_every": 0, "warmup_steps": 2, "tensorboard": False}

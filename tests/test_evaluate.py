@@ -32,7 +32,7 @@ from distil_codegpt.evaluate import (
     run_evaluate,
 )
 from distil_codegpt.evaluate.completion import encode_inputs
-from distil_codegpt.model.presets import count_params
+from distil_codegpt.model.families import count_params
 
 # ---------------------------------------------------------------- an independent scorer
 

@@ -16,13 +16,15 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("ctranslate2")
 
-from distil_codegpt.compress.export import CTranslate2Engine, print_export, run_export  # noqa: E402
+from distil_codegpt.compress.export import print_export, run_export  # noqa: E402
 from distil_codegpt.config import ExportConfig, TrainConfig, UserError, build_config  # noqa: E402
 from distil_codegpt.data.tokenizer import load_tokenizer  # noqa: E402
 from distil_codegpt.distill.run import run_train  # noqa: E402
+from distil_codegpt.engines.base import TorchEngine  # noqa: E402
+from distil_codegpt.engines.ctranslate2_engine import CTranslate2Engine  # noqa: E402
+from distil_codegpt.engines.load import load_engine  # noqa: E402
 from distil_codegpt.evaluate.completion import StopIds  # noqa: E402
 from distil_codegpt.model.presets import preset_config  # noqa: E402
-from distil_codegpt.serve.engine import TorchEngine, load_engine  # noqa: E402
 
 NEW = 30  # new tokens per completion
 N_PROMPTS = 10

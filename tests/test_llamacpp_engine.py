@@ -17,13 +17,14 @@ from test_gguf_export import make_model, make_tokenizer
 
 from distil_codegpt.cli import main
 from distil_codegpt.config import UserError
+from distil_codegpt.engines.base import TorchEngine
+from distil_codegpt.engines.load import load_engine, runtime_for
+from distil_codegpt.engines.speculative import with_draft
 from distil_codegpt.serve.complete import Completer, Job
-from distil_codegpt.serve.engine import TorchEngine, load_engine, runtime_for
-from distil_codegpt.serve.speculative import with_draft
 
 pytest.importorskip("llama_cpp")
 
-from distil_codegpt.serve.llamacpp_engine import LlamaCppEngine, exported_gguf  # noqa: E402
+from distil_codegpt.engines.llamacpp_engine import LlamaCppEngine, exported_gguf  # noqa: E402
 
 CODE = "import os\n\n\nclass Paths:\n    def join(self, a, b):\n        return os.path.join(a, b)\n"
 PROMPTS = ["def f(x):\n    return ", "class ", "x = [1, ", "import os\npath = os.pa", "for i in range("]

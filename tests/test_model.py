@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, P
 
 from distil_codegpt.config import ConfigError, StudentConfig, UserError
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import PRESETS, count_params, load_model, model_size_mb, preset_config
+from distil_codegpt.model.families import count_params, model_size_mb
+from distil_codegpt.model.presets import PRESETS, load_model, preset_config
 from distil_codegpt.model.student import build_student, layer_map, pick_layers
 
 VOCAB = 300

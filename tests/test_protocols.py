@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from test_complete import SPECIALS, ScriptedEngine, raw_llama_dir
 
 from distil_codegpt.config import ConfigError, ServeConfig, build_config
+from distil_codegpt.engines.base import TorchEngine
+from distil_codegpt.engines.load import load_engine
 from distil_codegpt.serve.complete import Completer, Job
-from distil_codegpt.serve.engine import TorchEngine, load_engine
 from distil_codegpt.serve.fim import TEMPLATES, build_prompt, split_prompt, suffix_overlap, template_for
 from distil_codegpt.serve.server import create_app
 

@@ -162,8 +162,8 @@ def stdlib_code() -> tuple[str, str]:
 def test_line_end_rules_equal_the_rules_written_out(tmp_path):
     """A tiny Llama trained briefly on code whose line breaks the tokenizer merges with the next indentation: greedy
     by the summed line-end probability (batched, and through the serving engine) equals each rule written out."""
+    from distil_codegpt.engines.base import TorchEngine
     from distil_codegpt.evaluate.completion import complete, engine_complete
-    from distil_codegpt.serve.engine import TorchEngine
 
     code, held_out = stdlib_code()
     tok = smollm_like_tokenizer(tmp_path / "tok", [code])

@@ -26,9 +26,10 @@ from transformers import GPT2LMHeadModel
 
 from distil_codegpt.config import ServeConfig, build_config
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.engines.base import Engine
+from distil_codegpt.engines.load import load_engine
 from distil_codegpt.model.presets import preset_config
 from distil_codegpt.serve.complete import Completer, Job
-from distil_codegpt.serve.engine import Engine, load_engine
 from distil_codegpt.serve.server import create_app
 
 PROMPTS = ["import os\n\n\ndef join(a, b):\n    return os.path.", "for i in range(", "x = 1\n"]

@@ -11,10 +11,10 @@ from test_complete import raw_llama_dir
 from transformers import AutoModelForCausalLM
 
 from distil_codegpt.config import StudentConfig, UserError, build_config
+from distil_codegpt.engines.load import load_engine
+from distil_codegpt.engines.speculative import SpeculativeEngine
 from distil_codegpt.model.student import build_student
 from distil_codegpt.serve.complete import Completer
-from distil_codegpt.serve.engine import load_engine
-from distil_codegpt.serve.speculative import SpeculativeEngine
 
 PROMPTS = ["import os\n\ndef f(x):\n    return ", "class A:\n    def g(self):\n        return [", "x = 1\ny = ", "for"]
 

@@ -3,7 +3,8 @@
 A half-copied model, a config edited by hand, a file from another tokenizer: the libraries that read them fail deep
 inside (a safetensors header error, a dataclass validation error, an index out of range halfway through a decode).
 Each check here reads only what it must (a header, a size, a JSON file) and raises `UserError` naming what is
-wrong, the file, and what to do. Writing (temporary name, fsync, rename) lives in runinfo.py.
+wrong, the file, and what to do. Writing (temporary name, fsync, rename) lives in runinfo.py. `disk_mb` is what a
+model directory's weights take on disk (compress and evaluate report it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from distil_codegpt.config import UserError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 try:  # huggingface_hub validates config fields (transformers 5) and raises its own error type
     from huggingface_hub.errors import StrictDataclassError as HubConfigError
@@ -152,3 +154,14 @@ def load_torch_file(path: str | Path, *, fix: str, weights_only: bool = True) ->
 def looks_local(name_or_path: str) -> bool:
     """A path the user meant as a path (so a typo is reported as a missing directory, not a hub lookup)."""
     return Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", "~", "."))
+
+
+def disk_mb(model_dir: str | Path) -> float | None:
+    """Weight files (*.safetensors, *.bin) directly in a local model directory, in MB; None for a hub id.
+
+    Only the top level counts: `checkpoints/` under a trained model holds resume state, not the model.
+    """
+    p = Path(model_dir).expanduser()
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) / 1e6

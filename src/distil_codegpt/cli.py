@@ -46,6 +46,11 @@ from distil_codegpt.report_text import (
     print_tokenizer,
     print_training,
 )
+from distil_codegpt.runinfo import WRITTEN
+
+# Each verb imports its stage inside its function, the one place in the package where project imports are lazy:
+# `distil-codegpt --help` (and a typo'd verb) must not load torch and transformers, which take seconds.
+# tests/test_import_graph.py allows function-level project imports in this file only.
 
 
 def _corpus(cfg: CorpusConfig) -> None:
@@ -249,8 +254,6 @@ def make_parser() -> argparse.ArgumentParser:
 def _unwritten(cfg: Any, first: int) -> str:
     """What a run that ended in an error did to its --out: unchanged, or which files it wrote and that its
     run.json (written last, when a stage finishes) is not among them. Empty for a new, still empty --out."""
-    from distil_codegpt.runinfo import WRITTEN
-
     out = Path(str(getattr(cfg, "out", "") or "")).expanduser()
     if not str(getattr(cfg, "out", "") or "") or not out.is_dir() or not any(out.iterdir()):
         return ""
@@ -269,8 +272,6 @@ def _os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distil_codegpt.runinfo import WRITTEN
-
     args = make_parser().parse_args(argv)
     cls, run, _ = VERBS[args.verb]
     debug = getattr(args, "debug", False)

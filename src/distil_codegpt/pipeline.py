@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from distil_codegpt.config import CorpusConfig, PrepareConfig, ShardsConfig, TokenizerConfig, build_config, to_dict
+from distil_codegpt.data.corpus import build_corpus
+from distil_codegpt.data.shards import build_shards
+from distil_codegpt.data.tokenizer import train_tokenizer
 from distil_codegpt.runinfo import write_manifest
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """corpus -> tokenizer -> shards under one run directory: OUT/data, OUT/tok, OUT/data/shards/<fingerprint>."""
-    from distil_codegpt.data.corpus import build_corpus
-    from distil_codegpt.data.shards import build_shards
-    from distil_codegpt.data.tokenizer import train_tokenizer
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data, tok = out / "data", out / "tok"

@@ -1,4 +1,5 @@
-"""The run.json manifest every stage writes, and small file helpers shared by the stages."""
+"""The run.json manifest every stage writes, the engine.json that marks an artifact, and small file helpers shared by
+the stages."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from distil_codegpt import __version__
 from distil_codegpt.config import UserError
 
 _LIBS = ("torch", "transformers", "tokenizers", "numpy")
+ENGINE_FILE = "engine.json"  # in an artifact directory: the engine that loads it (engines/load.py reads it)
 
 
 def git_commit() -> str | None:
@@ -191,3 +193,8 @@ def write_manifest(
         },
     )
     return path
+
+
+def write_engine_spec(out: str | Path, engine: str, **details: Any) -> None:
+    """Mark an artifact directory with the engine that loads it (and how it was made)."""
+    write_json(Path(out) / ENGINE_FILE, {"engine": engine, **details})

@@ -24,6 +24,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distil_codegpt.config import ConfigError, DistilConfig, build_config
+from distil_codegpt.data.shards import TokenShard, ensure_shards
+from distil_codegpt.distill.trainer import Trainer, setup_runtime
 from distil_codegpt.model import families
 from distil_codegpt.model.importance import measure
 from distil_codegpt.model.shape import HEADS_KEY, pruned_units, unit_name, unit_weight_slice
@@ -176,9 +178,6 @@ def heal(
     Gradients of pruned weights are masked, so AdamW's moments for them stay 0 and so do their updates (decoupled
     weight decay keeps a 0 at 0). The loop, losses and schedule are the `distil` verb's; its files land in workdir.
     """
-    from distil_codegpt.data.shards import ensure_shards
-    from distil_codegpt.distill.trainer import Trainer, setup_runtime
-
     cfg = build_config(
         DistilConfig,
         {
@@ -218,8 +217,6 @@ def heal(
 
 def dev_batches(data: str, tokenizer_dir: str | Path, seq_len: int, n: int = 4, batch: int = 8) -> list[torch.Tensor]:
     """A few fixed dev windows for head importance (the same windows every run)."""
-    from distil_codegpt.data.shards import TokenShard, ensure_shards
-
     shard = TokenShard(ensure_shards(data, tokenizer_dir), "dev")
     gen = torch.Generator().manual_seed(0)
     return [shard.random_batch(batch, seq_len, gen)[0] for _ in range(n)]

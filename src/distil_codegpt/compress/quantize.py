@@ -33,15 +33,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from distil_codegpt.artifacts import check_config, check_vocab, load_torch_file
+from distil_codegpt.artifacts import check_config, load_torch_file
 from distil_codegpt.config import UserError
 from distil_codegpt.model import families
 from distil_codegpt.model.shape import apply_pruned_heads
 from distil_codegpt.model.vocab_trim import TrimmedHead, apply_saved_trim, kept_ids, save_kept
-from distil_codegpt.serve.engine import ENGINE_FILE, TorchEngine, engine_kind, write_engine_spec
+from distil_codegpt.runinfo import write_engine_spec
 
 ENGINE = "torch-int8"
 WEIGHTS_FILE = "model_int8.bin"  # torch.save of the state dict; .bin so that size-on-disk tools count it
@@ -203,45 +203,3 @@ def load_int8(path: str | Path) -> PreTrainedModel:
     if embedding in result.missing_keys:
         _head_as_embedding(model)
     return model.eval()
-
-
-class QuantizedTorchEngine(TorchEngine):
-    """The int8 model on CPU; decoding (KV cache through the HF forward) is TorchEngine's."""
-
-    name = ENGINE
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> QuantizedTorchEngine:
-        from distil_codegpt.data.tokenizer import load_tokenizer
-
-        if torch.device(device).type != "cpu":
-            raise UserError(f"device: {device!r}: int8 artifacts run on CPU only; pass --device cpu")
-        model, tok = load_int8(path), load_tokenizer(path)
-        check_vocab(model.config.vocab_size, tok, path)
-        return cls(model, tok, Path(path), "cpu")
-
-    @classmethod
-    def from_fp32(cls, path: str | Path) -> QuantizedTorchEngine:
-        """An fp32 model directory quantized as it loads: the model `compress --quantize int8` would write, in
-        memory (pruned heads cut and a trimmed head rebuilt first, as `TorchEngine.load` does)."""
-        fp32 = TorchEngine.load(path, "cpu")
-        return cls(quantize_int8(fp32.model), fp32.tokenizer, Path(path), "cpu")
-
-
-def load_for_evaluation(path: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for any model or `compress` artifact, as a module HF `generate` can drive.
-
-    An int8 artifact is rebuilt on CPU; a model with pruned heads (config `distil_pruned_heads`) has them cut out of
-    its matrices, so it runs as fast as its size says; anything else (a hub id too) loads as `load_model` does.
-    """
-    from distil_codegpt.data.tokenizer import load_tokenizer
-    from distil_codegpt.model.presets import load_model, looks_local
-
-    if looks_local(path) and (Path(path) / ENGINE_FILE).is_file():
-        kind = engine_kind(path)
-        if kind != ENGINE:
-            raise UserError(f"model: {path} is a {kind!r} engine artifact, which only `complete`/`serve` can run")
-        return load_int8(path), load_tokenizer(path)
-    model = apply_pruned_heads(load_model(path, role="model", dtype=torch.float32))
-    tok = load_tokenizer(path) if looks_local(path) else AutoTokenizer.from_pretrained(path)
-    return model, tok

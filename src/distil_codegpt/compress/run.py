@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from distil_codegpt.artifacts import disk_mb
 from distil_codegpt.compress.prune import (
     choose_heads,
     dev_batches,
@@ -31,9 +32,9 @@ from distil_codegpt.compress.quantize import LIBRARY, quantize_int8, save_int8
 from distil_codegpt.compress.trim import trim_from_corpus
 from distil_codegpt.config import CompressConfig, UserError, to_dict
 from distil_codegpt.data.tokenizer import copy_tokenizer
-from distil_codegpt.evaluate.perf import disk_mb
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params, load_model, tokenizer_dir_of
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import load_model, tokenizer_dir_of
 from distil_codegpt.model.shape import HEADS_KEY, apply_pruned_heads, unit_name
 from distil_codegpt.model.vocab_trim import save_kept
 from distil_codegpt.runinfo import write_manifest

@@ -32,7 +32,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from distil_codegpt.artifacts import looks_local, read_json
+from distil_codegpt.artifacts import HubConfigError, check_config, looks_local, read_json
 from distil_codegpt.config import ConfigError, TokenizerConfig, UserError
 from distil_codegpt.data.formats import corpus_format, read_documents
 from distil_codegpt.data.normalize import (
@@ -150,8 +150,6 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """The fast tokenizer saved in a directory (ours or any HF one), or one clear error line."""
-    from distil_codegpt.artifacts import HubConfigError, check_config
-
     p = Path(path)
     fix = f"train one with `distil-codegpt tokenizer --data DATA --out {p}`"
     if not p.is_dir():

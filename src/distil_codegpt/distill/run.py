@@ -15,28 +15,14 @@ from transformers import AutoModelForCausalLM
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainConfig, to_dict
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.distill.inputs import check_model, tokenizer_dir
+from distil_codegpt.distill.teacher_cache import TeacherCache
 from distil_codegpt.distill.trainer import Runtime, Trainer, pretrained_teacher, setup_runtime
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import (
-    PRESETS,
-    count_params,
-    load_model,
-    preset_config,
-    resolve_model,
-    save_model,
-)
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import PRESETS, load_model, preset_config, resolve_model, save_model
 from distil_codegpt.runinfo import write_manifest
 from distil_codegpt.runtime import precision_name
-
-
-def _tokenizer_dir(cfg: LoopConfig, *model_dirs: str) -> str:
-    """--tokenizer, else the first model directory that carries tokenizer files."""
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for d in model_dirs:
-        if d and (Path(d) / "tokenizer.json").is_file():
-            return d
-    raise ConfigError("tokenizer: missing; pass --tokenizer DIR (from `distil-codegpt tokenizer`)")
 
 
 def _shards(cfg: LoopConfig, rt: Runtime, tok_dir: str) -> Path:
@@ -48,14 +34,6 @@ def _shards(cfg: LoopConfig, rt: Runtime, tok_dir: str) -> Path:
     if not rt.main:
         shard_dir = ensure_shards(cfg.data, tok_dir)  # now only reads the headers
     return shard_dir
-
-
-def _check_model(model: torch.nn.Module, name: str, n_vocab: int, seq_len: int) -> None:
-    vocab, context = model.config.vocab_size, families.context(model)
-    if vocab < n_vocab:
-        raise ConfigError(f"{name}: vocabulary {vocab} is smaller than the tokenizer's {n_vocab}; retrain it")
-    if seq_len > context:
-        raise ConfigError(f"seq_len: {seq_len} exceeds {name}'s context of {context}; use at most that")
 
 
 def _saver(model: torch.nn.Module, tokenizer: Any, out: Path) -> Any:
@@ -72,7 +50,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rt = setup_runtime(cfg)
-    tok_dir = _tokenizer_dir(cfg, cfg.model if cfg.model not in PRESETS else "")
+    tok_dir = tokenizer_dir(cfg, cfg.model if cfg.model not in PRESETS else "")
     tokenizer = load_tokenizer(tok_dir)
     if cfg.model in PRESETS:
         torch.manual_seed(cfg.seed)
@@ -87,7 +65,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_config(config)
     else:
         model = load_model(cfg.model)
-    _check_model(model, "model", len(tokenizer), cfg.seq_len)
+    check_model(model, "model", len(tokenizer), cfg.seq_len)
     shard_dir = _shards(cfg, rt, tok_dir)
     params = count_params(model)  # before the trainer pads the head
     trainer = Trainer(cfg, rt, model, shard_dir, on_save=_saver(model, tokenizer, out))
@@ -141,11 +119,11 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
                 " use --alpha-cos 0"
             )
     rt = setup_runtime(cfg)
-    tok_dir = _tokenizer_dir(cfg, cfg.student, cfg.teacher)
+    tok_dir = tokenizer_dir(cfg, cfg.student, cfg.teacher)
     tokenizer = load_tokenizer(tok_dir)
-    _check_model(student, "student", len(tokenizer), cfg.seq_len)
+    check_model(student, "student", len(tokenizer), cfg.seq_len)
     if teacher is not None:
-        _check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
+        check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
     shard_dir = _shards(cfg, rt, tok_dir)
     if cache is not None:
         cache.check_shards(shard_dir)
@@ -177,8 +155,6 @@ def _cached_teacher(cache_dir: str) -> str:
 
 def _open_cache(cfg: DistilConfig, student: torch.nn.Module) -> Any:
     """The teacher cache, checked against what this distillation asks of it before any compute."""
-    from distil_codegpt.distill.teacher_cache import TeacherCache
-
     unavailable = {
         "teacher_mode": (cfg.teacher_mode == "train", "a cached teacher cannot train; use --teacher-mode frozen"),
         "alpha_cos": (cfg.alpha_cos > 0, "the cache holds no hidden states; pass --alpha-cos 0, or distil online"),

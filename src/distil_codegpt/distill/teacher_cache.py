@@ -29,7 +29,10 @@ from distil_codegpt.artifacts import check_size, read_json
 from distil_codegpt.config import CacheTeacherConfig, ConfigError, UserError, to_dict
 from distil_codegpt.data.shards import TokenShard, ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
-from distil_codegpt.model.presets import count_params, load_model
+from distil_codegpt.distill.inputs import check_model, tokenizer_dir
+from distil_codegpt.distill.losses import tempered_buckets
+from distil_codegpt.model.families import count_params
+from distil_codegpt.model.presets import load_model
 from distil_codegpt.runinfo import write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
 
@@ -97,17 +100,14 @@ def build_cache(cfg: CacheTeacherConfig, *, stop_after: int | None = None) -> di
 
     `stop_after` (tests) interrupts after that many batches, as a Ctrl-C there would.
     """
-    # Imported here: the trainer uses this module, and distill.run imports the trainer.
-    from distil_codegpt.distill.run import _check_model, _tokenizer_dir
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     device = pick_device(cfg.device, cfg.threads)
     amp = autocast_dtype(cfg.precision, device)
-    tok_dir = _tokenizer_dir(cfg, cfg.teacher)  # reads only cfg.tokenizer, which this config has too
+    tok_dir = tokenizer_dir(cfg, cfg.teacher)  # reads only cfg.tokenizer, which this config has too
     tokenizer = load_tokenizer(tok_dir)
     teacher = load_model(cfg.teacher, role="teacher")
-    _check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
+    check_model(teacher, "teacher", len(tokenizer), cfg.seq_len)
     vocab = teacher.config.vocab_size
     if cfg.top_k > vocab:
         raise ConfigError(
@@ -276,8 +276,6 @@ class TeacherCache:
         """(the teacher's mean tail mass, the mean and the median share of the tempered target that the tail bucket
         takes at `temperature`) over the first `windows` windows, with the tail spread evenly over the other V - k
         tokens as the sparse KD loss assumes (distill/losses.py). At T = 1 the share is the tail mass itself."""
-        from distil_codegpt.distill.losses import tempered_buckets
-
         n = min(windows, self.n_windows)
         logp = torch.from_numpy(np.asarray(self._logp[:n], dtype=np.float64).reshape(-1, self.top_k))
         tail = torch.from_numpy(np.asarray(self._tail[:n], dtype=np.float64).reshape(-1))

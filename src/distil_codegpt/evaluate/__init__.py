@@ -1,8 +1,9 @@
 """Line-level code completion on CodeXGLUE's benchmark: decoding, EM/ES as the official evaluator, size and speed."""
 
+from distil_codegpt.artifacts import disk_mb
 from distil_codegpt.evaluate.completion import StopIds, complete
 from distil_codegpt.evaluate.metrics import fuzz_ratio, line_metrics, post_process
-from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity
+from distil_codegpt.evaluate.perf import latency, perplexity
 from distil_codegpt.evaluate.run import print_evaluation, run_evaluate
 
 __all__ = [

@@ -37,6 +37,8 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from distil_codegpt.config import ConfigError
 from distil_codegpt.data.tokenizer import end_ids, raw_framing
+from distil_codegpt.engines.base import line_end_pick
+from distil_codegpt.model import families
 
 BOS_TEXT = "<s>"
 EOL_TEXT = "<EOL>"
@@ -101,16 +103,6 @@ def check_line_end(rule: str, beam: int = 1) -> None:
         raise ConfigError(f"line_end: {rule!r} is a rule of greedy decoding, and beam is {beam}; use beam 1")
 
 
-def line_end_pick(logits: Tensor, end: Tensor, rule: str = "mass") -> Tensor:
-    """Greedy ids (B,) from logits (B, V) with "the line ends" as one outcome: the most likely id of `end` (B, V) or
-    (V,) bool when the summed probability of `end` beats every other id's ("mass") or 1/2 ("majority"), else the
-    plain argmax."""
-    p = logits.float().softmax(-1)
-    p_end = (p * end).sum(-1)
-    ends = p_end > (0.5 if rule == "majority" else p.masked_fill(end, 0.0).amax(-1))
-    return torch.where(ends, logits.masked_fill(~end, float("-inf")).argmax(-1), logits.argmax(-1))
-
-
 def is_raw(text: str) -> bool:
     """Raw inputs are source text; normalised ones start with `<s>` (ours and CodeXGLUE's test.json alike)."""
     return not text.startswith(BOS_TEXT)
@@ -146,8 +138,6 @@ def finish(tok: PreTrainedTokenizerBase, new_ids: list[int], raw: bool, stops: S
 
 
 def _context(model: PreTrainedModel) -> int:
-    from distil_codegpt.model import families
-
     n = families.context(model)
     if not n:
         raise ConfigError(f"model: its config states no context length ({families.family(model).context}); fix it")

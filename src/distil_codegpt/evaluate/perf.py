@@ -1,7 +1,8 @@
-"""What a model costs: size in memory and on disk, batch-1 latency, and perplexity on a token-completion file.
+"""What a model costs: batch-1 latency, cold and warm, and perplexity on a token-completion file.
 
-Sizes are in MB of 1e6 bytes. `size_mb` counts fp32 weights whatever dtype the model is held in, so models
-compare by parameter count; `disk_mb` is what the checkpoint really takes (fp16 or int8 exports show there).
+Sizes are in MB of 1e6 bytes. `size_mb` (evaluate/run.py) counts fp32 weights whatever dtype the model is held in,
+so models compare by parameter count; `artifacts.disk_mb` is what the checkpoint really takes (fp16 or int8 exports
+show there).
 """
 
 from __future__ import annotations
@@ -18,21 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distil_codegpt.config import UserError
 from distil_codegpt.data.formats import FORMATS, corpus_format, decode_document
 from distil_codegpt.data.tokenizer import encode_documents
-from distil_codegpt.evaluate.completion import StopIds, complete
+from distil_codegpt.engines.base import TorchEngine
+from distil_codegpt.evaluate.completion import StopIds, complete, encode_inputs, engine_complete
 from distil_codegpt.model import families
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def disk_mb(model_dir: str | Path) -> float | None:
-    """Weight files (*.safetensors, *.bin) directly in a local model directory, in MB; None for a hub id.
-
-    Only the top level counts: `checkpoints/` under a trained model holds resume state, not the model.
-    """
-    p = Path(model_dir).expanduser()
-    if not p.is_dir():
-        return None
-    return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) / 1e6
 
 
 def latency(
@@ -83,9 +72,6 @@ def warm_latency(
 
     Each timed prompt is preceded by an untimed read of the prompt less its last token (a keystroke can change
     the last token, so it is read again with the new one), after one untimed warm-up run."""
-    from distil_codegpt.evaluate.completion import encode_inputs, engine_complete
-    from distil_codegpt.serve.engine import TorchEngine
-
     sample = inputs[:n]
     if not sample:
         return {"p50": None, "p95": None, "cached": None}

@@ -15,19 +15,20 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distil_codegpt.artifacts import check_vocab, read_json
-from distil_codegpt.compress.quantize import count_all_params, load_for_evaluation
+from distil_codegpt.artifacts import check_vocab, disk_mb, read_json
+from distil_codegpt.compress.quantize import count_all_params
 from distil_codegpt.config import ConfigError, EvaluateConfig, UserError, to_dict
 from distil_codegpt.data.line_completion import read_examples
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.engines.load import engine_kind, load_engine, load_for_evaluation, runtime_for
+from distil_codegpt.engines.speculative import with_draft
 from distil_codegpt.evaluate.completion import StopIds, complete, engine_complete, is_raw
 from distil_codegpt.evaluate.metrics import line_metrics
-from distil_codegpt.evaluate.perf import disk_mb, latency, perplexity, warm_latency
+from distil_codegpt.evaluate.perf import latency, perplexity, warm_latency
 from distil_codegpt.model import families
 from distil_codegpt.model.presets import looks_local, resolve_model
 from distil_codegpt.runinfo import atomic_write_text, write_json, write_manifest
 from distil_codegpt.runtime import autocast_dtype, pick_device, precision_name
-from distil_codegpt.serve.engine import engine_kind, load_engine, runtime_for
 
 
 def eval_runtime(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -131,8 +132,6 @@ def add_warm_latency(cfg: EvaluateConfig) -> dict[str, Any]:
 def _evaluate_engine(cfg: EvaluateConfig, examples: list, t0: float) -> dict[str, Any]:
     """An exported engine (CTranslate2), llama.cpp, or a model with a draft: one example at a time through the
     `Engine` interface, greedy only."""
-    from distil_codegpt.serve.speculative import with_draft
-
     if cfg.beam != 1:
         raise ConfigError(f"beam: {cfg.beam}; engines and drafts are evaluated greedily here, use --beam 1")
     engine = with_draft(load_engine(cfg.model, engine=cfg.engine), cfg.draft, "cpu", cfg.draft_tokens, cache_slots=0)

@@ -19,13 +19,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from distil_codegpt.experiment.stages import read_done
+import torch
+
+from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.evaluate.perf import perplexity
+from distil_codegpt.experiment.stages import Step, read_done, run_distil_from
+from distil_codegpt.model.presets import load_model
 from distil_codegpt.runinfo import write_json
-
-if TYPE_CHECKING:
-    from distil_codegpt.experiment.sweep import Step, Sweep
 
 SCORE_FILE = "score.json"
 CRITERION = "mean next-token loss of the student on the dev split"
@@ -50,13 +52,11 @@ def searching(cfg: Any) -> bool:
 
 
 class Search:
-    def __init__(self, sweep: Sweep) -> None:
+    def __init__(self, sweep: Any) -> None:  # a sweep.Sweep, which imports this module
         self.sweep, self.cfg = sweep, sweep.cfg
         self.dir = sweep.out / "search"
 
     def trial_steps(self, t: Trial) -> list[Step]:
-        from distil_codegpt.experiment.sweep import Step, _run_distil
-
         s, c = self.sweep, self.cfg
         out = self.dir / t.name
         steps = max(1, -(-c.search_tokens // (t.batch_size * t.seq_len)))
@@ -66,18 +66,12 @@ class Search:
         score = out / SCORE_FILE
         return [
             s._student(f"search: init ({c.variant_layers} layers)", init, c.variant_layers),
-            Step(f"search {t.name}: distil", out / "run.json", lambda: _run_distil(s._resumed(values))),
+            Step(f"search {t.name}: distil", out / "run.json", lambda: run_distil_from(s._resumed(values))),
             Step(f"search {t.name}: score", score, lambda: self.score(t)),
         ]
 
     def score(self, t: Trial) -> None:
         """The trial's dev loss into score.json, then its weights and checkpoints deleted."""
-        import torch
-
-        from distil_codegpt.data.tokenizer import load_tokenizer
-        from distil_codegpt.evaluate.perf import perplexity
-        from distil_codegpt.model.presets import load_model
-
         out = self.dir / t.name
         run = read_done(out / "run.json")
         model = load_model(str(out), dtype=torch.float32).eval()

@@ -1,22 +1,42 @@
-"""The file work of the sweep's steps, apart from the plan: a fetched teacher, copies of a run stopped along its
-budget, the perplexity files, and reading what a step wrote."""
+"""The sweep's steps and their file work, apart from the plan: a step, a distillation from a step's values, a fetched
+teacher, copies of a run stopped along its budget, the perplexity files, and reading what a step wrote."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distil_codegpt.artifacts import read_json
-from distil_codegpt.config import ConfigError
+from distil_codegpt.config import ConfigError, DistilConfig, build_config
+from distil_codegpt.distill.run import run_distil
+from distil_codegpt.model import gguf
 
 FETCH = "fetch:"
 
 
+@dataclass
+class Step:
+    """One stage run; done when `marker` exists (the file the stage writes last), or when `done` says so."""
+
+    name: str
+    marker: Path
+    run: Callable[[], Any]
+    done: Callable[[], bool] | None = None
+
+    def is_done(self) -> bool:
+        return self.done() if self.done else self.marker.is_file()
+
+
+def run_distil_from(values: dict[str, Any]) -> Any:
+    """`run_distil` on the config built from a sweep step's values."""
+    return run_distil(build_config(DistilConfig, values))
+
+
 def fetched_teacher(name: str) -> Path:
     """fetch:NAME as a model directory: downloaded and imported once into the cache, then reused by every sweep."""
-    from distil_codegpt.model import gguf
-
     if name not in gguf.TEACHERS:
         raise ConfigError(
             f"teacher_model: '{FETCH}{name}' names no known teacher; use one of {', '.join(gguf.TEACHERS)}"

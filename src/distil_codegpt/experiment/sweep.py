@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from transformers import AutoConfig
 
 from distil_codegpt.artifacts import read_json
 from distil_codegpt.config import (
@@ -34,7 +35,6 @@ from distil_codegpt.config import (
     CacheTeacherConfig,
     ConfigError,
     CorpusConfig,
-    DistilConfig,
     EvaluateConfig,
     ReportConfig,
     StudentConfig,
@@ -45,24 +45,32 @@ from distil_codegpt.config import (
     build_config,
     to_dict,
 )
-from distil_codegpt.experiment.stages import FETCH, fetched_teacher, first_files, read_done, snapshot, trained
+from distil_codegpt.data.corpus import build_corpus
+from distil_codegpt.data.normalize import EOL
+from distil_codegpt.data.tokenizer import train_tokenizer
+from distil_codegpt.distill.run import run_train
+from distil_codegpt.distill.teacher_cache import build_cache
+from distil_codegpt.evaluate.run import add_warm_latency, model_tokenizer, run_evaluate
+from distil_codegpt.experiment.costs import WARM_KEY
+from distil_codegpt.experiment.report import build_report
+from distil_codegpt.experiment.search import Search, searching
+from distil_codegpt.experiment.stages import (
+    FETCH,
+    Step,
+    fetched_teacher,
+    first_files,
+    read_done,
+    run_distil_from,
+    snapshot,
+    trained,
+)
+from distil_codegpt.model import families
+from distil_codegpt.model.presets import PRESETS, looks_local, model_type_of, resolve_model
+from distil_codegpt.model.student import DATA_PICKS, build_student
 from distil_codegpt.runinfo import write_json, write_manifest
 
 EVAL_AGAIN = "delete its eval directory and run the sweep again: it evaluates the model again"
 MAIN = Variant("", "")  # the main students' recipe, unchanged
-
-
-@dataclass
-class Step:
-    """One stage run; done when `marker` exists (the file the stage writes last), or when `done` says so."""
-
-    name: str
-    marker: Path
-    run: Callable[[], Any]
-    done: Callable[[], bool] | None = None
-
-    def is_done(self) -> bool:
-        return self.done() if self.done else self.marker.is_file()
 
 
 @dataclass
@@ -82,8 +90,6 @@ class Model:
 
 class Sweep:
     def __init__(self, cfg: SweepConfig) -> None:
-        from distil_codegpt.model.presets import PRESETS
-
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.data = self.out / "data"
@@ -116,13 +122,6 @@ class Sweep:
 
     def _existing_teacher(self) -> tuple[str, str, int]:
         """(where it loads from, family, depth) of an existing teacher, checked against the corpus format first."""
-        from transformers import AutoConfig
-
-        from distil_codegpt.data.normalize import EOL
-        from distil_codegpt.evaluate.run import model_tokenizer
-        from distil_codegpt.model import families
-        from distil_codegpt.model.presets import model_type_of, resolve_model
-
         c = self.cfg
         if c.teacher_model.startswith(FETCH):
             source = str(fetched_teacher(c.teacher_model[len(FETCH) :]))
@@ -168,9 +167,6 @@ class Sweep:
         return {**values, "resume": (Path(values["out"]) / "checkpoints" / "last.pt").is_file()}
 
     def _train(self, what: str, out: Path, model: str, steps: int, lr: float, **kw: Any) -> Step:
-        from distil_codegpt.distill.run import run_train
-        from distil_codegpt.model.presets import looks_local
-
         tok = {}
         if model == (self.source or self.cfg.teacher_model):  # the tokenizer trained here, or the teacher's own
             own = self.tok or (self.source if looks_local(self.source) else "")
@@ -188,8 +184,6 @@ class Sweep:
 
     def _cache(self) -> Step:
         """The teacher's top-k over the train split, once, for every frozen-teacher student (`teacher_cache`)."""
-        from distil_codegpt.distill.teacher_cache import build_cache
-
         c = self.cfg
         values = {"teacher": str(self.teacher), "data": str(self.data), "out": str(self.out / "teacher-cache"),
                   "top_k": c.cache_top_k, "seq_len": c.seq_len, "device": c.device, "precision": c.precision,
@@ -200,8 +194,6 @@ class Sweep:
     def _student(self, what: str, out: Path, layers: int, pick: str = "", **kw: Any) -> Step:
         """A student directory; one made from the teacher's layers takes them by `pick` (a data pick scores them
         on the corpus's dev split, with the teacher's tokenizer) and is cut to the students' width."""
-        from distil_codegpt.model.student import DATA_PICKS, build_student
-
         c = self.cfg
         widths = {"ffn": c.student_ffn, "heads": c.student_heads, "hidden": c.student_hidden}
         values = {"teacher": str(self.teacher), "out": str(out), "layers": layers, "seed": c.seed, **widths, **kw}
@@ -300,7 +292,7 @@ class Sweep:
         if c.student_minutes:
             m.steps.append(Step("distil", out / "run.json", partial(self._timed, values, cut, local_dir), done))
         else:
-            m.steps.append(Step("distil", out / "run.json", lambda: _run_distil(self._resumed(values)), done))
+            m.steps.append(Step("distil", out / "run.json", lambda: run_distil_from(self._resumed(values)), done))
         return m
 
     def _trained_tokens(self, m: Model) -> int | None:
@@ -315,7 +307,7 @@ class Sweep:
         scoring left, global KD the rest of the budget once the local stage has run (read from their run.json)."""
         c = self.cfg
         if not c.student_minutes:
-            return _run_distil(self._resumed(values))
+            return run_distil_from(self._resumed(values))
         scoring = (read_done(init / "run.json").get("seconds") or 0.0) / 60
         left = c.student_minutes - scoring
         if values.get("stage") == "local":
@@ -330,7 +322,7 @@ class Sweep:
             )
         timed = {**values, "max_minutes": minutes, "max_steps": 10**9, "save_every": 20}
         timed["warmup_steps"] = c.warmup_steps
-        return _run_distil(self._resumed(timed))
+        return run_distil_from(self._resumed(timed))
 
     def _curve(self, main: Model) -> list[Model]:
         """The main student at each fraction of its budget: one run that stops, is copied aside and resumes (the
@@ -359,16 +351,12 @@ class Sweep:
                 f"curve: {out} has trained past {tokens:,} tokens, so that point can no longer be saved; remove {out}"
                 " (and its students/*-at-* copies) to redo the learning curve, or drop the point from curve"
             )
-        _run_distil(self._resumed(values))
+        run_distil_from(self._resumed(values))
         snapshot(out, snap)
 
     # ------------------------------------------------------------ running
 
     def plan(self, models: list[Model], evaluate: bool = True) -> list[Step]:
-        from distil_codegpt.data.corpus import build_corpus
-        from distil_codegpt.data.tokenizer import train_tokenizer
-        from distil_codegpt.evaluate.run import run_evaluate
-
         c = self.cfg
         corpus = {"out": str(self.data), "src": c.src, "format": c.format, "seed": c.seed,
                   "line_examples": c.line_examples, "workers": c.threads}  # fmt: skip
@@ -404,9 +392,6 @@ class Sweep:
         return plan
 
     def run(self) -> dict[str, Any]:
-        from distil_codegpt.experiment.report import build_report
-        from distil_codegpt.experiment.search import Search, searching
-
         self.t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         chosen = None
@@ -460,21 +445,11 @@ class Sweep:
 
 
 def _add_warm_latency(values: dict[str, Any]) -> Any:
-    from distil_codegpt.evaluate.run import add_warm_latency
-
     return add_warm_latency(build_config(EvaluateConfig, values))
 
 
 def _has_warm(metrics: Path) -> bool:
-    from distil_codegpt.experiment.costs import WARM_KEY
-
     return metrics.is_file() and WARM_KEY in read_json(metrics, fix=EVAL_AGAIN)
-
-
-def _run_distil(values: dict[str, Any]) -> Any:
-    from distil_codegpt.distill.run import run_distil
-
-    return run_distil(build_config(DistilConfig, values))
 
 
 def _entry(m: Model, tokens: int | None = None) -> dict[str, Any]:

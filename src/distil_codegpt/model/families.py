@@ -170,6 +170,16 @@ def tied_head(model: nn.Module) -> bool:
     return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
 
 
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters: a tied LM head shares the embedding matrix and counts once (works on meta tensors)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() already skips repeated (tied) tensors
+
+
+def model_size_mb(model: torch.nn.Module) -> float:
+    """Size of the unique parameters stored in fp32, in MB (1e6 bytes), whatever dtype the model is in now."""
+    return count_params(model) * 4 / 1e6
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(family(model).blocks)
 

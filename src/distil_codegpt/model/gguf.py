@@ -37,7 +37,6 @@ from transformers import PreTrainedModel
 
 from distil_codegpt.config import ConfigError, FetchTeacherConfig, ImportConfig, UserError
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import count_params
 from distil_codegpt.runinfo import atomic_open, write_manifest
 
 # GGUF `general.architecture` -> model_type, for the families that families.py supports and transformers can read
@@ -217,7 +216,7 @@ def import_gguf(
             "model_type": model.config.model_type,
             "layers": families.depth(model),
             "width": families.width(model),
-            "params": count_params(model),
+            "params": families.count_params(model),
             "vocab_size": model.config.vocab_size,
             "dtype": dtype,
             "tokenizer": {"size": len(tokenizer), "bos": tokenizer.bos_token, "eos": tokenizer.eos_token},

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from distil_codegpt.artifacts import check_config, check_weights, first_line, looks_local
 from distil_codegpt.config import ConfigError, UserError
 from distil_codegpt.model import families
+from distil_codegpt.model.gguf import cached_import
 from distil_codegpt.model.vocab_trim import apply_saved_trim, save_kept
 from distil_codegpt.runinfo import staged_files
 
@@ -106,8 +107,6 @@ def preset_config(
 def resolve_model(name_or_path: str, *, role: str = "model") -> str:
     """A model argument as `from_pretrained` takes it: a `.gguf` file is imported (once, cached by its hash)."""
     if name_or_path.lower().endswith(".gguf"):
-        from distil_codegpt.model.gguf import cached_import
-
         return str(cached_import(name_or_path, role=role))
     return name_or_path
 
@@ -161,16 +160,6 @@ def load_model(name_or_path: str, *, role: str = "model", **kw: Any) -> PreTrain
             f"{role}: {source}: its weights do not load ({first_line(e)}); copy the model again or rebuild it"
         ) from e
     return apply_saved_trim(model, source)  # a trimmed head
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Unique parameters: a tied LM head shares the embedding matrix and counts once (works on meta tensors)."""
-    return sum(p.numel() for p in model.parameters())  # parameters() already skips repeated (tied) tensors
-
-
-def model_size_mb(model: torch.nn.Module) -> float:
-    """Size of the unique parameters stored in fp32, in MB (1e6 bytes), whatever dtype the model is in now."""
-    return count_params(model) * 4 / 1e6
 
 
 def pad_vocab(model: PreTrainedModel, multiple: int) -> int:

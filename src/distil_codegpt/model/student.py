@@ -24,16 +24,10 @@ from distil_codegpt.config import ConfigError, StudentConfig, UserError, to_dict
 from distil_codegpt.data.shards import TokenShard, ensure_shards
 from distil_codegpt.data.tokenizer import copy_tokenizer
 from distil_codegpt.model import families, shape
+from distil_codegpt.model.families import count_params, model_size_mb
 from distil_codegpt.model.importance import Importance, measure
 from distil_codegpt.model.layer_scores import angular_pick, influence_pick
-from distil_codegpt.model.presets import (
-    count_params,
-    load_model,
-    looks_local,
-    model_size_mb,
-    resolve_model,
-    save_model,
-)
+from distil_codegpt.model.presets import load_model, looks_local, resolve_model, save_model
 from distil_codegpt.runinfo import write_manifest
 
 DATA_PICKS = ("influence", "angular")  # picks measured on dev windows of the teacher

@@ -17,11 +17,14 @@ a note says so. Nothing here raises on odd code: the worst case is an empty comp
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from distil_codegpt.config import UserError
 from distil_codegpt.data.denormalize import denormalize_token, format_line
 from distil_codegpt.data.normalize import (
     BOS,
@@ -32,9 +35,11 @@ from distil_codegpt.data.normalize import (
     python_tokens,
 )
 from distil_codegpt.data.tokenizer import raw_framing, tokenizer_meta
+from distil_codegpt.engines.base import Engine
+from distil_codegpt.engines.load import load_engine
+from distil_codegpt.engines.speculative import with_draft
 from distil_codegpt.evaluate.completion import StopIds
 from distil_codegpt.fim_templates import MARKERS
-from distil_codegpt.serve.engine import Engine
 from distil_codegpt.serve.fim import next_suffix_line, repo_context, suffix_overlap
 from distil_codegpt.serve.fim import template_for as fim_template
 
@@ -389,11 +394,6 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 
 def read_cursor(spec: str, stdin: Any = None) -> str:
     """The code before the cursor: FILE (its end), FILE:LINE (end of that line), FILE:LINE:COL (1-based), or -."""
-    import sys
-    from pathlib import Path
-
-    from distil_codegpt.config import UserError
-
     if spec == "-":
         return (stdin or sys.stdin).read()
     path, line, col = spec, 0, 0
@@ -419,13 +419,7 @@ def read_cursor(spec: str, stdin: Any = None) -> str:
 
 def run_complete(cfg: Any) -> Completion:
     """The `complete` verb: print the completion of the code at the cursor; notes go to stderr."""
-    import sys
-
-    from distil_codegpt.serve.engine import load_engine
-
     code = read_cursor(cfg.file)
-    from distil_codegpt.serve.speculative import with_draft
-
     engine = load_engine(cfg.model, cfg.device, quantize=cfg.quantize, engine=cfg.engine)
     completer = Completer(with_draft(engine, cfg.draft, cfg.device, cfg.draft_tokens, quantize=cfg.quantize))
     result = completer.complete(code, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from distil_codegpt.serve.fim import split_prompt
-from distil_codegpt.serve.server import ApiError, Pipe, Service
+from distil_codegpt.serve.http import ApiError, Pipe, Service
 
 # llama.cpp's stop types: a stop string ("word"), the token limit ("limit"), or the end of the text ("eos"); the
 # ends of our own (end of the line, the suffix, an indent, the deadline) are the end of the text to a client

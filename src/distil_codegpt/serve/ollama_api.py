@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from distil_codegpt.serve.fim import split_prompt
-from distil_codegpt.serve.server import ApiError, Pipe, Service
+from distil_codegpt.serve.http import ApiError, Pipe, Service
 
 API_VERSION = "0.12.0"  # the Ollama API this surface follows (clients check for a minimum)
 TEMPLATE = "{{/* fill in the middle: .Prompt is the code before the cursor, .Suffix the code after it */}}{{ .Prompt }}"

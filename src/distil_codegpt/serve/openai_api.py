@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from distil_codegpt.serve.fim import split_prompt
-from distil_codegpt.serve.server import ApiError, Pipe, Service
+from distil_codegpt.serve.http import ApiError, Pipe, Service
 
 # fields that would change what comes back: accepted only at these neutral values (or null)
 NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (False,), "logprobs": (0,), "best_of": (1,), "n": (1,)}

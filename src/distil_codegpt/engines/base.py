@@ -1,15 +1,12 @@
-"""One interface over every way of running a model locally: PyTorch fp32, PyTorch int8, exported engines.
+"""The interface every engine has (prompt ids -> cached decode -> new ids), and PyTorch's engines, fp32 and int8.
 
-An engine turns prompt ids into new ids, streamed one at a time so a server can send them as they come.
-`load_engine(path)` reads `engine.json` in an artifact directory to know which engine built it; a plain
-Hugging Face model directory (no engine.json) is the PyTorch fp32 engine, except that `quantize="auto"` (what
-`serve` and `complete` default to) runs a student this toolkit made (`student`, `distil` or `compress` in its
-run.json) as PyTorch int8 on CPU: at SmolLM2 width the fastest student engine at the same ES (docs/PERFORMANCE.md).
+An engine turns prompt ids into new ids, streamed one at a time so a server can send them as they come. The other
+engines (CTranslate2, llama.cpp, a student drafting for its teacher) live beside this module; engines/load.py
+picks the one an artifact needs.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from abc import ABC, abstractmethod
@@ -19,24 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from distil_codegpt.artifacts import read_json
+from distil_codegpt.artifacts import check_vocab
+from distil_codegpt.compress.quantize import ENGINE as INT8_ENGINE
+from distil_codegpt.compress.quantize import load_int8, quantize_int8
 from distil_codegpt.config import UserError
+from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.model import families
-from distil_codegpt.model.presets import resolve_model
+from distil_codegpt.model.presets import load_model
+from distil_codegpt.model.shape import apply_pruned_heads
 
-ENGINE_FILE = "engine.json"
-QUANTIZE = ("auto", "int8", "none")  # what load_engine does to a plain fp32 model directory
-STUDENT_STAGES = ("student", "distil", "compress")  # run.json stages that made a student
 PREFILL_CHUNK = 256  # prompt tokens read per forward pass: how soon a cancelled request stops reading
-# engine name -> "module:Class" with a `load(path, device)` classmethod; imported only when used
-ENGINES = {
-    "torch": "distil_codegpt.serve.engine:TorchEngine",
-    "torch-int8": "distil_codegpt.compress.quantize:QuantizedTorchEngine",
-    "ctranslate2": "distil_codegpt.compress.export:CTranslate2Engine",
-    "onnx": "distil_codegpt.compress.export:OnnxEngine",
-}
-RUNTIMES = ("auto", "torch", "llamacpp")  # --engine: auto = llamacpp for a .gguf file, else what engine_kind says
 
 
 class Engine(ABC):
@@ -49,7 +40,7 @@ class Engine(ABC):
     # Engines that can restrict the first new token (token healing of a half-typed word) say so and take
     # `first_allowed` in `stream`; the others are called without it.
     supports_first_allowed: bool = False
-    # Engines that can end a line by the summed probability of its line-end ids (`completion.line_end_pick`) say so
+    # Engines that can end a line by the summed probability of its line-end ids (`line_end_pick`) say so
     # and take `line_end` in `stream`.
     supports_line_end: bool = False
 
@@ -79,6 +70,16 @@ class Engine(ABC):
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and f.suffix in exts) / 1e6
 
 
+def line_end_pick(logits: Tensor, end: Tensor, rule: str = "mass") -> Tensor:
+    """Greedy ids (B,) from logits (B, V) with "the line ends" as one outcome: the most likely id of `end` (B, V) or
+    (V,) bool when the summed probability of `end` beats every other id's ("mass") or 1/2 ("majority"), else the
+    plain argmax."""
+    p = logits.float().softmax(-1)
+    p_end = (p * end).sum(-1)
+    ends = p_end > (0.5 if rule == "majority" else p.masked_fill(end, 0.0).amax(-1))
+    return torch.where(ends, logits.masked_fill(~end, float("-inf")).argmax(-1), logits.argmax(-1))
+
+
 def pick_next(
     logits: torch.Tensor,
     temperature: float,
@@ -91,8 +92,6 @@ def pick_next(
     bool mask of the ids that end the line, is given), else nucleus sampling."""
     if temperature <= 0:
         if line_end is not None:
-            from distil_codegpt.evaluate.completion import line_end_pick  # evaluate imports this module
-
             return int(line_end_pick(logits[None], line_end, line_end_rule)[0])
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -164,11 +163,6 @@ class TorchEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TorchEngine:
-        from distil_codegpt.artifacts import check_vocab
-        from distil_codegpt.data.tokenizer import load_tokenizer
-        from distil_codegpt.model.presets import load_model
-        from distil_codegpt.model.shape import apply_pruned_heads
-
         model = apply_pruned_heads(load_model(str(path), dtype=torch.float32))  # pruned heads cut: runs faster
         tok = load_tokenizer(path)
         check_vocab(model.config.vocab_size, tok, path)
@@ -242,7 +236,7 @@ class TorchEngine(Engine):
         line_end_rule: str = "mass",
     ) -> Iterator[int]:
         """As `Engine.stream`; `line_end`: the ids that end the line, taken as one outcome by greedy decoding under
-        `line_end_rule` (`completion.line_end_pick`)."""
+        `line_end_rule` (`line_end_pick`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         slot, reuse = self._slot(ids) if ids else (None, 0)
         self.cached_tokens = reuse
@@ -272,89 +266,22 @@ class TorchEngine(Engine):
             x = [nxt]
 
 
-def engine_kind(path: str | Path) -> str:
-    """The engine an artifact directory was built for: engine.json's "engine", or "torch" for an HF model dir."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model: {p} is not a directory; pass a model or an artifact from `compress`/`export`")
-    spec = p / ENGINE_FILE
-    if not spec.is_file():
-        if not (p / "config.json").is_file():
-            raise UserError(f"model: {p} holds neither a model (config.json) nor an engine artifact (engine.json)")
-        return "torch"
-    kind = read_json(spec, fix="export or compress the model again").get("engine", "")
-    if kind not in ENGINES:
-        raise UserError(f"model: {spec} names engine {kind!r}; known: {', '.join(ENGINES)}")
-    return kind
+class QuantizedTorchEngine(TorchEngine):
+    """The int8 model on CPU; decoding (KV cache through the HF forward) is TorchEngine's."""
 
+    name = INT8_ENGINE
 
-def is_student(path: str | Path) -> bool:
-    """Whether a model directory is a student this toolkit made: its run.json names a `STUDENT_STAGES` stage."""
-    info = Path(path) / "run.json"
-    if not info.is_file():
-        return False
-    stage = read_json(info, fix="rerun the stage that wrote it, or delete the file").get("stage")
-    return stage in STUDENT_STAGES
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> QuantizedTorchEngine:
+        if torch.device(device).type != "cpu":
+            raise UserError(f"device: {device!r}: int8 artifacts run on CPU only; pass --device cpu")
+        model, tok = load_int8(path), load_tokenizer(path)
+        check_vocab(model.config.vocab_size, tok, path)
+        return cls(model, tok, Path(path), "cpu")
 
-
-def int8_in_memory(path: str | Path, device: str, quantize: str) -> bool:
-    """Whether `load_engine` quantizes the fp32 model at `path` to int8 as it loads it (`QUANTIZE`)."""
-    if quantize not in QUANTIZE:
-        raise UserError(f"quantize: {quantize!r}; use one of {', '.join(QUANTIZE)}")
-    if quantize == "int8" and torch.device(device).type != "cpu":
-        raise UserError(f"quantize: int8 runs on CPU only, not on {device!r}; pass --quantize none or --device cpu")
-    auto = quantize == "auto" and torch.device(device).type == "cpu" and is_student(path)
-    return engine_kind(path) == "torch" and (quantize == "int8" or auto)
-
-
-def runtime_for(path: str | Path, engine: str = "auto") -> str:
-    """What `--engine` runs `path` on: "llamacpp" or "torch" (the latter also covers the artifacts of `compress` and
-    `export`, each loaded by the engine its engine.json names). auto: llamacpp for a .gguf file, torch otherwise."""
-    if engine not in RUNTIMES:
-        raise UserError(f"engine: {engine!r}; use one of {', '.join(RUNTIMES)}")
-    gguf_file = str(path).lower().endswith(".gguf")
-    if engine == "llamacpp" and not gguf_file and (Path(path) / ENGINE_FILE).is_file():
-        kind = engine_kind(path)
-        raise UserError(f"engine: llamacpp runs a .gguf file or an HF model directory, not a {kind} artifact ({path})")
-    return "llamacpp" if engine == "llamacpp" or (engine == "auto" and gguf_file) else "torch"
-
-
-def load_engine(
-    path: str | Path, device: str = "cpu", cache_slots: int = 0, quantize: str = "none", engine: str = "auto"
-) -> Engine:
-    """The engine for a model directory, an exported/compressed artifact or (`engine`, `runtime_for`) a GGUF file
-    run by llama.cpp; PyTorch and llama.cpp engines keep the KV cache of `cache_slots` prompts (llama.cpp: one, the
-    context's), the others read every prompt in full. `quantize` (`QUANTIZE`) applies to a plain fp32 model
-    directory on torch only: "int8" quantizes it as it loads, "auto" does so for a student on CPU, "none" never."""
-    if runtime_for(path, engine) == "llamacpp":
-        if quantize == "int8":
-            raise UserError("quantize: int8 is the torch engine's; for llama.cpp export --format gguf --quant q8_0")
-        from distil_codegpt.serve.llamacpp_engine import LlamaCppEngine
-
-        cpp = LlamaCppEngine.load(path, device)
-        cpp.cache_slots = cache_slots
-        return cpp
-    if str(path).lower().endswith(".gguf"):  # torch runs a .gguf file imported once (cached by its hash)
-        path = resolve_model(str(path))
-    kind = engine_kind(path)
-    if int8_in_memory(path, device, quantize):
-        from distil_codegpt.compress.quantize import QuantizedTorchEngine
-
-        engine: Engine = QuantizedTorchEngine.from_fp32(path)
-    else:
-        module, cls = ENGINES[kind].split(":")
-        try:
-            engine_cls = getattr(importlib.import_module(module), cls)
-        except ImportError as e:
-            raise UserError(f"model: {path} needs {e.name}, which is not installed; pip install {e.name}") from e
-        engine = engine_cls.load(path, device)
-    if isinstance(engine, TorchEngine):
-        engine.cache_slots = cache_slots
-    return engine
-
-
-def write_engine_spec(out: str | Path, engine: str, **details: Any) -> None:
-    """Mark an artifact directory with the engine that loads it (and how it was made)."""
-    from distil_codegpt.runinfo import write_json
-
-    write_json(Path(out) / ENGINE_FILE, {"engine": engine, **details})
+    @classmethod
+    def from_fp32(cls, path: str | Path) -> QuantizedTorchEngine:
+        """An fp32 model directory quantized as it loads: the model `compress --quantize int8` would write, in
+        memory (pruned heads cut and a trimmed head rebuilt first, as `TorchEngine.load` does)."""
+        fp32 = TorchEngine.load(path, "cpu")
+        return cls(quantize_int8(fp32.model), fp32.tokenizer, Path(path), "cpu")

@@ -4,7 +4,7 @@ the same `Engine` interface as PyTorch, so `complete`, `serve` and `evaluate` ru
 Token ids are the project tokenizer's, not llama.cpp's: prompts are built and new ids decoded by the Hugging Face
 tokenizer the model was trained with, as for every other engine, so FIM templates, token healing and stops behave
 the same; llama.cpp only reads ids and gives logits, and the next id is picked from those logits by
-`engine.pick_next` (greedy, the line-end rule, or seeded nucleus sampling, exactly as TorchEngine picks).
+`base.pick_next` (greedy, the line-end rule, or seeded nucleus sampling, exactly as TorchEngine picks).
 
 Where the files come from:
 - a `.gguf` file runs as it is; its tokenizer is the one `import` writes out of it (once, cached by its SHA-256);
@@ -32,10 +32,10 @@ import torch
 from distil_codegpt.artifacts import check_vocab
 from distil_codegpt.config import UserError
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.engines.base import PREFILL_CHUNK, Engine, Interrupted, common_prefix, pick_next, restrict
 from distil_codegpt.model.gguf import cache_root, cached_import
 from distil_codegpt.model.gguf_export import write_gguf
 from distil_codegpt.model.presets import load_model
-from distil_codegpt.serve.engine import PREFILL_CHUNK, Engine, Interrupted, common_prefix, pick_next, restrict
 
 EXPORT_QUANT = "f32"  # HF directories exported on first use: llama.cpp then computes what PyTorch computes
 EXPORT_DIR = "gguf-export"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from distil_codegpt.config import UserError
-from distil_codegpt.serve.engine import Engine, Interrupted, TorchEngine, pick_next, restrict
+from distil_codegpt.engines.base import Engine, Interrupted, TorchEngine, pick_next, restrict
+from distil_codegpt.engines.load import load_engine
 
 MAX_DRAFT = 16
 
@@ -156,6 +157,4 @@ def with_draft(
             f"draft: the {engine.name} engine runs no draft model (the teacher verifies drafts with PyTorch's KV"
             " cache); drop --draft, or pass the model directory with --engine torch"
         )
-    from distil_codegpt.serve.engine import load_engine
-
     return SpeculativeEngine(engine, load_engine(draft, device, cache_slots, quantize), draft_tokens)
