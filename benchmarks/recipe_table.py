@@ -3,10 +3,13 @@ paired-bootstrap interval, latency, and the minutes and tokens of every training
 
     python benchmarks/recipe_table.py runs/pilot teacher A-kd B-kd C-kd
     python benchmarks/recipe_table.py runs/demo-real teacher students/kd-20-ffn600      # run from the clone's root
+    python benchmarks/recipe_table.py runs/recipe60 teacher-eval mix-local width-local  # benchmarks/recipe_compare.py
 
 Each name is a model directory under the root with an evaluation in NAME/eval (`evaluate --out NAME/eval`). A
 student's stages are found by walking back from its run.json: each distil run names the student it started from,
-down to the `student` run that cut it from the teacher (whose seconds are the width and layer scoring).
+down to the `student` run that cut it from the teacher (whose seconds are the width and layer scoring). A student
+trained with `distil --snapshots N` and its snapshots evaluated (NAME/snapshots/K-of-N/eval) also gets its learning
+curve: ES kept against the minutes spent.
 """
 
 from __future__ import annotations
@@ -110,6 +113,46 @@ def main() -> None:
             f"{kept} | {r['cold'] or 0:.0f} | {r['warm'] or 0:.0f} | {st} | {total:.1f} |"
         )
     print(f"\n{r['n']} examples; ES kept = student ES / teacher ES on the same examples")
+    curves = [(name, curve(root, name, teacher)) for name in args.students]
+    if any(points for _, points in curves):
+        print(
+            "\nLearning curves (`distil --snapshots`): ES kept against the training minutes spent, every stage counted"
+        )
+        print("\n| Model | Minutes | Tokens of the last stage | ES | ES kept (95%) |\n|---|---:|---:|---:|---:|")
+        for name, points in curves:
+            for minutes, tokens, es, (k, lo, hi) in points:
+                print(
+                    f"| {name} | {minutes:.1f} | {tokens:,} | {es:.1f} |"
+                    f" {100 * k:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}) |"
+                )
+
+
+def curve(root: Path, name: str, teacher: dict[str, Any]) -> list[tuple[float, int, float, tuple]]:
+    """(minutes, tokens, ES, ES kept) at each evaluated snapshot of a student's last stage and at its end: the
+    minutes are the earlier stages' (the cut's scoring, a local stage) plus the snapshot's training seconds."""
+    history = stages(root / name)
+    if not (root / name / "snapshots").is_dir():
+        return []
+    before = sum(mins for _, mins, _ in history[:-1])
+    points = []
+    for snap in sorted((root / name / "snapshots").glob("*/snapshot.json")):
+        d = eval_dir(snap.parent)
+        if not (d / "metrics.json").is_file():
+            continue
+        at, m = json.loads(snap.read_text()), json.loads((d / "metrics.json").read_text())
+        s = example_scores(d, m)
+        if s is not None and len(s) == len(teacher["scores"]):
+            points.append(
+                (before + at["train_seconds"] / 60, at["tokens"], m["edit_sim"], kept_interval(s, teacher["scores"]))
+            )
+    d = eval_dir(root / name)
+    m = json.loads((d / "metrics.json").read_text())
+    s = example_scores(d, m)
+    if s is not None and len(s) == len(teacher["scores"]):
+        points.append(
+            (sum(mins for _, mins, _ in history), history[-1][2], m["edit_sim"], kept_interval(s, teacher["scores"]))
+        )
+    return sorted(points)
 
 
 if __name__ == "__main__":

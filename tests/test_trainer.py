@@ -660,3 +660,33 @@ def test_a_time_budget_ends_before_it_runs_out_and_dev_evaluation_is_not_counted
     saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["train_seconds"]
     assert saved <= 1.2 + 0.3, saved  # the final save alone may pass the budget
     assert metrics["seconds"] > metrics["train_seconds"] + 0.3 * metrics["steps"] - 0.1  # evaluations outside
+
+
+def test_snapshots_save_the_model_at_each_fraction_of_the_run(tiny_data: dict, tmp_path: Path) -> None:
+    kw = {"max_steps": 8, "eval_every": 0, "save_every": 0}
+    model, seen = tiny_model(tiny_data["tok"]), {}
+
+    def snap(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        seen[path.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    cfg = train_cfg(tiny_data, tmp_path / "s", snapshots=4, **kw)
+    Trainer(cfg, setup_runtime(cfg), model, tiny_data["shards"], on_snapshot=snap).fit()
+    points = {p.name: json.loads((p / "snapshot.json").read_text()) for p in (tmp_path / "s" / "snapshots").iterdir()}
+    assert {k: (v["step"], v["fraction"]) for k, v in points.items()} == {
+        "1-of-4": (2, 0.25),
+        "2-of-4": (4, 0.5),
+        "3-of-4": (6, 0.75),
+    }
+    assert points["2-of-4"]["tokens"] == 4 * cfg.batch_size * cfg.seq_len
+    # the same run stopped at its 4th step holds the weights of the 2-of-4 snapshot
+    cfg = train_cfg(tiny_data, tmp_path / "t", **kw)
+    other = tiny_model(tiny_data["tok"])
+    Trainer(cfg, setup_runtime(cfg), other, tiny_data["shards"]).fit(stop_at=4)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, seen["2-of-4"][k]), k
+    # through the verb: each snapshot is a model directory plain transformers loads
+    run_train(train_cfg(tiny_data, tmp_path / "r", snapshots=2, **{**kw, "max_steps": 2}))
+    snapshot = tmp_path / "r" / "snapshots" / "1-of-2"
+    assert GPT2LMHeadModel.from_pretrained(snapshot).config.n_layer == 2
+    assert (snapshot / "tokenizer.json").is_file()

@@ -33,6 +33,11 @@ class LoopConfig:
     eval_every: int = opt(100, "dev loss / perplexity every N steps (0 = only at the end)")
     eval_batches: int = opt(20, "dev batches per evaluation")
     save_every: int = opt(200, "checkpoint every N steps (0 = only at the end)")
+    snapshots: int = opt(
+        0,
+        "also save the model at each 1/N of the run (of --max-minutes when set, else of --max-steps) to"
+        " OUT/snapshots/K-of-N, for a learning curve; its saving is not counted in the minutes (0 = off)",
+    )
     log_every: int = opt(10, "metrics.jsonl line every N steps")
     resume: bool = opt(False, "continue exactly from OUT/checkpoints/last")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", PRECISION_HELP)
@@ -50,6 +55,7 @@ class LoopConfig:
         for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "log_every"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "use 1 or more")
         zero_ok = ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "save_every", "threads", "pad_vocab")
+        zero_ok += ("snapshots",)
         for name in zero_ok:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more")
         _check(self.loss_chunk >= -1, "loss_chunk", self.loss_chunk, "use -1 (auto), 0 (plain loss) or a token count")

@@ -68,7 +68,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     check_model(model, "model", len(tokenizer), cfg.seq_len)
     shard_dir = _shards(cfg, rt, tok_dir)
     params = count_params(model)  # before the trainer pads the head
-    trainer = Trainer(cfg, rt, model, shard_dir, on_save=_saver(model, tokenizer, out))
+    trainer = Trainer(
+        cfg,
+        rt,
+        model,
+        shard_dir,
+        on_save=_saver(model, tokenizer, out),
+        on_snapshot=lambda p: _saver(model, tokenizer, p)(),
+    )
     metrics = trainer.fit()
     metrics.update(params=params, device=str(rt.device), precision=precision_name(rt.dtype), processes=rt.world)
     if rt.main:
@@ -136,7 +143,12 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
         if cfg.teacher_mode == "train":
             _saver(teacher, tokenizer, out / "teacher")()
 
-    trainer = Trainer(cfg, rt, student, shard_dir, teacher=teacher, on_save=save, teacher_cache=cache)
+    def snapshot(path: Path) -> None:
+        _saver(student, tokenizer, path)()
+
+    trainer = Trainer(
+        cfg, rt, student, shard_dir, teacher=teacher, on_save=save, teacher_cache=cache, on_snapshot=snapshot
+    )
     metrics = trainer.fit()
     metrics.update(params=params, teacher_params=teacher_params, device=str(rt.device), processes=rt.world)
     metrics["precision"] = precision_name(rt.dtype)  # what `auto` picked on this machine

@@ -42,7 +42,7 @@ from distil_codegpt.distill.losses import (
 from distil_codegpt.model.families import tied_head
 from distil_codegpt.model.presets import pad_vocab
 from distil_codegpt.model.vocab_trim import kept_mask
-from distil_codegpt.runinfo import open_log
+from distil_codegpt.runinfo import open_log, write_json
 from distil_codegpt.runtime import autocast_dtype, pick_device
 
 CLM_ONLY = LossWeights(alpha_ce=0.0, alpha_clm=1.0, alpha_cos=0.0, alpha_mse=0.0)
@@ -151,14 +151,15 @@ class Trainer:
         teacher: torch.nn.Module | None = None,
         on_save: Callable[[], None] | None = None,
         teacher_cache: Any = None,
+        on_snapshot: Callable[[Path], None] | None = None,
     ) -> None:
         if isinstance(cfg, DistilConfig) and not cfg.resolved():  # built directly, not through run_distil
             source = teacher_cache.header.get("teacher", "") if teacher_cache is not None else ""
             source = getattr(getattr(teacher, "config", None), "_name_or_path", "") or source
             cfg = cfg.resolve(pretrained_teacher(source))
-        self.cfg, self.rt, self.on_save = cfg, rt, on_save
+        self.cfg, self.rt, self.on_save, self.on_snapshot = cfg, rt, on_save, on_snapshot
         self.seconds_before, self.resumed_at = 0.0, None  # training time of earlier processes; this one's start
-        self.eval_seconds = 0.0  # dev evaluation in this process: not training time, so not in the budget
+        self.eval_seconds = 0.0  # dev evaluation and snapshots in this process: not training, so not in the budget
         self.per_rank, self.micro = batch_split(cfg, rt.world)
         self.train_data = TokenShard(shard_dir, "train")
         self.dev_data = TokenShard(shard_dir, "dev")
@@ -420,6 +421,24 @@ class Trainer:
         if self.rt.world > 1:
             dist.barrier()
 
+    def _snapshots(self, out: Path) -> None:
+        """The model saved at each 1/N of the run that has passed (N = cfg.snapshots) and is not saved yet, to
+        OUT/snapshots/K-of-N with snapshot.json (step, tokens, training seconds): the points of a learning curve.
+        The time it takes is not training time."""
+        n, cfg = self.cfg.snapshots, self.cfg
+        if n < 2 or not self.rt.main or self.on_snapshot is None:
+            return
+        done = self.train_seconds() / (cfg.max_minutes * 60) if cfg.max_minutes else self.step / cfg.max_steps
+        for k in range(1, n):
+            path = out / "snapshots" / f"{k}-of-{n}"
+            if done < k / n or (path / "snapshot.json").is_file():
+                continue
+            began = time.perf_counter()
+            point = {"fraction": k / n, "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds()}
+            self.on_snapshot(path)
+            write_json(path / "snapshot.json", point)
+            self.eval_seconds += time.perf_counter() - began
+
     # ------------------------------------------------------------ the loop
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
@@ -479,6 +498,7 @@ class Trainer:
                     began = time.perf_counter()
                     self.save()
                     pace.saved(time.perf_counter() - began)
+                self._snapshots(out)
         except KeyboardInterrupt:
             reason = "interrupted"
             self.save()

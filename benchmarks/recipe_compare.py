@@ -1,0 +1,168 @@
+"""Student recipes compared at one fixed budget of training minutes on this machine, every training stage counted:
+the cut's scoring (layer and width importance), the local stage, global KD. Evaluation is not counted.
+
+    python benchmarks/recipe_compare.py --teacher TEACHER --data DATA --root runs/recipe60            # every row
+    python benchmarks/recipe_compare.py ... --rows mix-local,width-local --curve mix-local,width-local
+    python benchmarks/recipe_table.py runs/recipe60 teacher-eval depth depth-local width ...            # the table
+
+Rows (students at <= 50% of SmolLM2-135M's multiply-adds per token, head included):
+
+  depth, depth-local       10 of 30 blocks (influence pick): 47.4% of the teacher's compute
+  width, width-local       30 blocks, 6 of 9 heads (2 of 3 KV groups), MLPs of 384 of 1,536: 49.0%
+  mix, mix-local           20 blocks (influence) with MLPs of 600: 49.6% (the recipe of `make demo`)
+  mix-local-lr3e-4, mix-local-lr3e-3    the learning-rate bracket around 1e-3 (the real study's best and largest)
+  mix-local-trim           mix-local with its head trimmed to the ids of the corpus (`compress --trim-vocab`): a
+                           speed row (our engine only; GGUF cannot hold a trimmed head), no training of its own
+
+A `-local` row spends --local-share of what the cut's scoring left in the local stage (each block learns its span of
+teacher blocks), the rest in logit KD (forward KL, T = 1, the frozen teacher); the others spend it all in logit KD.
+Rows named in --curve also save the student at each quarter of the budget (`distil --snapshots 4`), and every
+snapshot is evaluated: ES kept against minutes.
+
+Every step is skipped when its run.json is there and a training stage cut short resumes from its checkpoint, so the
+same command continues after an interruption; run it on an otherwise idle machine (the budget is wall-clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CUTS = {
+    "depth": ["--layers", "10", "--pick", "influence"],
+    "width": ["--layers", "30", "--heads", "6", "--ffn", "384"],
+    "mix": ["--layers", "20", "--pick", "influence", "--ffn", "600"],
+}
+# row -> (cut, local stage first, learning rate, trimmed head)
+ROWS = {
+    "depth": ("depth", False, 1e-3, False),
+    "depth-local": ("depth", True, 1e-3, False),
+    "width": ("width", False, 1e-3, False),
+    "width-local": ("width", True, 1e-3, False),
+    "mix": ("mix", False, 1e-3, False),
+    "mix-local": ("mix", True, 1e-3, False),
+    "mix-local-lr3e-4": ("mix", True, 3e-4, False),
+    "mix-local-lr3e-3": ("mix", True, 3e-3, False),
+    "mix-local-trim": ("mix", True, 1e-3, True),
+}
+
+
+def cli() -> list[str]:
+    return [sys.executable, "-m", "distil_codegpt.cli"]
+
+
+def run(cmd: list[str], out: Path) -> dict:
+    """The step's run.json, running it first unless it is there (resuming a training stage cut short)."""
+    done = out / "run.json"
+    if not done.is_file():
+        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[3:] + resume)}", flush=True)
+        if subprocess.run(cmd + resume).returncode:
+            sys.exit(f"error: {out.name} failed (above); rerun the same command to continue")
+    return json.loads(done.read_text())
+
+
+def minutes_of(r: dict, key: str = "train_seconds") -> float:
+    m = r.get("metrics") or {}
+    return float(m.get(key, r.get("seconds", 0.0))) / 60
+
+
+def evaluate(a: argparse.Namespace, model: Path, out: Path) -> None:
+    cmd = cli() + ["evaluate", "--model", str(model), "--test", str(Path(a.data) / "line_completion" / "test.json")]
+    cmd += ["--limit", str(a.examples), "--context", "1024", "--max-new-tokens", "48", "--batch-size", "8"]
+    cmd += ["--latency-samples", str(a.latency_samples), "--out", str(out)]
+    run(cmd, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="the teacher's model directory")
+    p.add_argument("--data", required=True, help="the corpus (raw format, with line_completion/test.json and shards)")
+    p.add_argument("--root", required=True, help="where the cuts, students and evaluations go")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--curve", default="", help="rows whose student is also saved and evaluated at each quarter")
+    p.add_argument("--minutes", type=float, default=60.0, help="training minutes per row, every stage counted")
+    p.add_argument("--local-share", type=float, default=0.25, help="the local stage's share of a -local row")
+    p.add_argument("--examples", type=int, default=500, help="line completions evaluated (the same for every row)")
+    p.add_argument("--latency-samples", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    a = p.parse_args()
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    curve = {r.strip() for r in a.curve.split(",") if r.strip()}
+    unknown = [r for r in rows + sorted(curve) if r not in ROWS]
+    if unknown:
+        sys.exit(f"error: --rows/--curve: unknown {', '.join(unknown)}; choose from {','.join(ROWS)}")
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    evaluate(a, Path(a.teacher), root / "teacher-eval")
+    loop = ["--data", a.data, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--schedule", "cosine"]
+    loop += ["--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "8", "--save-every", "20"]
+    loop += ["--max-steps", str(10**9), "--temperature", "1", "--alpha-ce", "1", "--alpha-clm", "0", "--alpha-cos", "0"]
+    for name in rows:
+        cut_name, local, lr, trim = ROWS[name]
+        cut = root / f"cut-{cut_name}"
+        scoring = minutes_of(
+            run(cli() + ["student", "--teacher", a.teacher, "--data", a.data, "--out", str(cut)] + CUTS[cut_name], cut),
+            "seconds",
+        )
+        if trim:  # the trained row's student, its head trimmed: no training of its own
+            base = root / name.removesuffix("-trim")
+            if not (base / "run.json").is_file():
+                print(f"skip {name}: train {base.name} first (--rows {base.name},{name})")
+                continue
+            out = root / name
+            run(cli() + ["compress", "--model", str(base), "--trim-vocab", a.data, "--out", str(out)], out)
+            evaluate(a, out, out / "eval")
+            continue
+        left = a.minutes - scoring
+        start, spent = cut, 0.0
+        common = ["--teacher", a.teacher, "--lr", f"{lr:g}", *loop]
+        if local:
+            out = root / f"{name}-local"
+            r = run(
+                cli()
+                + [
+                    "distil",
+                    "--stage",
+                    "local",
+                    "--student",
+                    str(start),
+                    "--out",
+                    str(out),
+                    "--max-minutes",
+                    f"{a.local_share * left:.4f}",
+                    *common,
+                ],
+                out,
+            )
+            start, spent = out, minutes_of(r)
+        out = root / name
+        snap = ["--snapshots", "4"] if name in curve else []
+        run(
+            cli()
+            + [
+                "distil",
+                "--student",
+                str(start),
+                "--out",
+                str(out),
+                "--max-minutes",
+                f"{left - spent:.4f}",
+                *snap,
+                *common,
+            ],
+            out,
+        )
+        evaluate(a, out, out / "eval")
+        for s in sorted((out / "snapshots").glob("*")) if name in curve else []:
+            evaluate(a, s, s / "eval")
+    print(f"done; the table: python benchmarks/recipe_table.py {root} teacher-eval {' '.join(rows)}")
+
+
+if __name__ == "__main__":
+    main()
