@@ -29,7 +29,11 @@ class LoopConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_steps: int = opt(1000, "stop after this many optimizer steps")
     max_tokens: int = opt(0, "stop after this many training tokens (0 = no limit)")
-    max_minutes: float = opt(0.0, "stop after this wall-clock budget, saving first (0 = no limit)")
+    max_minutes: float = opt(
+        0.0,
+        "stop before this many minutes of training (every resumed process counted, dev evaluations not), saving"
+        " first; the learning rate decays over them (0 = no limit)",
+    )
     eval_every: int = opt(100, "dev loss / perplexity every N steps (0 = only at the end)")
     eval_batches: int = opt(20, "dev batches per evaluation")
     save_every: int = opt(200, "checkpoint every N steps (0 = only at the end)")
