@@ -10,7 +10,8 @@ Rows (students at <= 50% of SmolLM2-135M's multiply-adds per token, head include
   depth, depth-local       10 of 30 blocks (influence pick): 47.4% of the teacher's compute
   width, width-local       30 blocks, 6 of 9 heads (2 of 3 KV groups), MLPs of 384 of 1,536: 49.0%
   mix, mix-local           20 blocks (influence) with MLPs of 600: 49.6% (the recipe of `make demo`)
-  mix-local-lr3e-4, mix-local-lr3e-3    the learning-rate bracket around 1e-3 (the real study's best and largest)
+  mix-local-lr3e-4, mix-local-lr3e-3    the learning-rate bracket of global KD around 1e-3 (the real study's best and
+                           largest); they share mix-local's local stage (at 1e-3)
   mix-local-trim           mix-local with its head trimmed to the ids of the corpus (`compress --trim-vocab`): a
                            speed row (our engine only; GGUF cannot hold a trimmed head), no training of its own
 
@@ -122,8 +123,8 @@ def main() -> None:
         left = a.minutes - scoring
         start, spent = cut, 0.0
         common = ["--teacher", a.teacher, "--lr", f"{lr:g}", *loop]
-        if local:
-            out = root / f"{name}-local"
+        if local:  # one local stage per cut, at the base rate: the bracket's rows share it and differ in KD only
+            out = root / f"local-{cut_name}"
             r = run(
                 cli()
                 + [
@@ -136,7 +137,10 @@ def main() -> None:
                     str(out),
                     "--max-minutes",
                     f"{a.local_share * left:.4f}",
-                    *common,
+                    *common[:2],
+                    "--lr",
+                    "0.001",
+                    *loop,
                 ],
                 out,
             )

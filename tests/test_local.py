@@ -3,7 +3,9 @@ learn, the loss is the hand formula, it falls with training and resumes exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from test_shape import make_teacher, save
 from transformers import AutoModelForCausalLM
 
 from distil_codegpt.config import ConfigError, DistilConfig, StudentConfig, build_config
+from distil_codegpt.config.training import LOCAL_SHARE
 from distil_codegpt.distill.local import LocalStage, block_loss, block_spans
 from distil_codegpt.distill.run import run_distil
 from distil_codegpt.distill.trainer import Trainer, setup_runtime
@@ -148,3 +151,54 @@ def test_local_stage_errors_name_the_fix(teacher_dir, tiny_data, tmp_path):
     build_student(StudentConfig(teacher=str(other), out=str(tmp_path / "rand"), layers=2, random=True))
     with pytest.raises(ConfigError, match=r"^stage: local needs a student cut from this teacher"):
         run_distil(local_cfg(tiny_data, teacher_dir, tmp_path / "rand", tmp_path / "x", max_steps=1))
+
+
+def test_local_share_runs_the_local_stage_then_global_kd_from_it(teacher_dir, tiny_data, tmp_path, capsys):
+    # `distil --local-share 0.25 --max-steps 8`: 2 local steps saved to OUT/local, then 6 of global KD from them,
+    # the same weights as the two stages run by hand
+    student(teacher_dir, tmp_path / "s", tiny_data["data"], layers=2)
+    glob = {"stage": "global", "temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0}
+    both = local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "auto", max_steps=8, local_share=0.25, **glob)
+    metrics = run_distil(both)
+    run_distil(local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "hand-local", max_steps=2))
+    hand = local_cfg(tiny_data, teacher_dir, tmp_path / "hand-local", tmp_path / "hand", max_steps=6, **glob)
+    run_distil(hand)
+    local_run = json.loads((tmp_path / "auto" / "local" / "run.json").read_text())
+    run = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert local_run["config"]["stage"] == "local" and local_run["metrics"]["steps"] == 2
+    assert run["config"]["student"] == str(tmp_path / "auto" / "local") and run["config"]["local_share"] == 0
+    assert run["metrics"]["steps"] == 6 and metrics["local_stage"]["steps"] == 2
+    assert run["metrics"]["local_stage"]["tokens"] == 2 * 4 * 64
+    for sub in ("local", ""):
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "auto" / sub).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / ("hand-local" if sub else "hand")).state_dict()
+        for k, v in a.items():
+            torch.testing.assert_close(v, b[k], atol=0, rtol=0)
+    # resumed with the local stage done: it is not run again, and global KD starts afresh from it
+    (tmp_path / "again").mkdir()
+    shutil.copytree(tmp_path / "hand-local", tmp_path / "again" / "local")
+    capsys.readouterr()
+    run_distil(dataclasses.replace(both, out=str(tmp_path / "again"), resume=True))
+    assert "local stage: done" in capsys.readouterr().out
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "hand").state_dict()
+    for k, v in AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict().items():
+        torch.testing.assert_close(v, b[k], atol=0, rtol=0)
+
+
+def test_local_share_defaults_and_errors():
+    base = {"data": "d", "out": "o", "student": "s", "teacher": "t"}
+    cfg = build_config(DistilConfig, base)
+    assert cfg.local_share == -1
+    for recipe, share in LOCAL_SHARE.items():
+        assert build_config(DistilConfig, {**base, "recipe": recipe}).resolve(True).local_share == share
+    cached = build_config(DistilConfig, {**base, "teacher": "", "teacher_cache": "c", "recipe": "logit"})
+    assert cached.resolve(True).local_share == 0  # no activations in a cache: global KD only
+    trains = build_config(DistilConfig, {**base, "teacher_mode": "train"})
+    assert trains.resolve(True).local_share == 0
+    assert build_config(DistilConfig, {**base, "local_share": 0.3}).resolve(True).local_share == 0.3
+    with pytest.raises(ConfigError, match=r"^teacher_cache: .* the local stage needs --teacher"):
+        build_config(DistilConfig, {**base, "teacher": "", "teacher_cache": "c", "local_share": 0.25})
+    with pytest.raises(ConfigError, match=r"^local_share: 1\.0 .* use a share in \[0, 1\)"):
+        build_config(DistilConfig, {**base, "local_share": 1.0})
+    with pytest.raises(ConfigError, match=r"^local_share: 0\.25 .* use it with --stage global"):
+        build_config(DistilConfig, {**base, "local_share": 0.25, "stage": "local"})

@@ -78,4 +78,10 @@ def print_training(m: dict[str, Any], out: str) -> None:
         dev += f" (at the start: {m['start_dev_loss']:.4f}, {m['start_dev_ppl']:.2f})"
     if "teacher_dev_loss" in m:
         dev += f"; teacher dev loss {m['teacher_dev_loss']:.4f}"
+    local = m.get("local_stage")
+    if local:
+        line = (
+            f"local stage: {local['steps']} steps, {local['tokens']:,} tokens in {local['train_seconds'] / 60:.1f} min"
+            f" of training ({local['out']}); global KD: {line}"
+        )
     print(f"{line}\n  {dev}\n  model written to {out}")

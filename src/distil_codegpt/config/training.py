@@ -84,6 +84,8 @@ class TrainConfig(LoopConfig):
 ALL_ZERO = "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"
 # Defaults of the KD loss per recipe (DistilConfig.recipe, DistilConfig.resolve).
 # The logit recipe's lr is the best of the real study's measured search (docs/RESULTS.md).
+# The share of a distil budget spent first in the local stage, per recipe (0 = global KD only).
+LOCAL_SHARE: dict[str, float] = {"distilbert": 0.0, "logit": 0.0}
 RECIPES: dict[str, dict[str, float]] = {
     "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0, "lr": 5e-4},
     "logit": {"temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0, "lr": 1e-3},
@@ -125,10 +127,17 @@ class DistilConfig(LoopConfig):
     local_loss: Literal["nmse", "cosine"] = opt(
         "nmse", "local stage loss per block: nmse (error / the teacher's update of the stream) or cosine"
     )
+    local_share: float = opt(
+        -1.0,
+        "with --stage global: first spend this share of the budget (of --max-minutes when set, and of --max-steps"
+        " and --max-tokens) in the local stage, saved to OUT/local, then global KD from it in the rest"
+        " (-1 = the recipe's: 0; needs the online frozen teacher)",
+    )
 
     def resolved(self) -> bool:
         """Whether every recipe-dependent weight holds a value (no -1 left) and the recipe is named."""
-        return self.recipe != "auto" and all(getattr(self, k) != -1 for k in RECIPES["logit"])
+        fields = [*RECIPES["logit"], "local_share"]
+        return self.recipe != "auto" and all(getattr(self, k) != -1 for k in fields)
 
     def resolve(self, pretrained_teacher: bool) -> DistilConfig:
         """The one place the recipe's defaults are filled in (fields left at -1), once the teacher is known.
@@ -139,6 +148,9 @@ class DistilConfig(LoopConfig):
         values = {k: v for k, v in RECIPES[name].items() if getattr(self, k) == -1}
         if self.teacher_cache and self.alpha_cos == -1:
             values["alpha_cos"] = 0.0
+        if self.local_share == -1:  # a local stage needs the online frozen teacher and comes before global KD only
+            plain = self.teacher_cache or self.teacher_mode == "train" or self.stage == "local"
+            values["local_share"] = 0.0 if plain else LOCAL_SHARE[name]
         done = dataclasses.replace(self, recipe=name, **values)
         _check(
             done.alpha_ce + done.alpha_clm + done.alpha_cos + done.alpha_mse > 0, "alpha_ce", done.alpha_ce, ALL_ZERO
@@ -165,9 +177,17 @@ class DistilConfig(LoopConfig):
         if -1 not in weights:  # all given: check now (else once the recipe fills them in, `resolve`)
             _check(sum(weights) > 0, "alpha_ce", self.alpha_ce, ALL_ZERO)
         _check(self.cos_layers in ("last", "all"), "cos_layers", self.cos_layers, "use last or all")
-        if self.stage == "local":
+        _check(
+            0 <= self.local_share < 1 or self.local_share == -1,
+            "local_share",
+            self.local_share,
+            "use a share in [0, 1), or -1 (the recipe's)",
+        )
+        if self.stage == "local" or self.local_share > 0:  # --local-share runs the local stage too
             _check(not self.teacher_cache, "teacher_cache", self.teacher_cache, "the local stage needs --teacher")
             _check(self.teacher_mode == "frozen", "teacher_mode", self.teacher_mode, "the local stage uses frozen")
+        if self.stage == "local":
+            _check(self.local_share <= 0, "local_share", self.local_share, "use it with --stage global (the default)")
 
 
 @dataclass

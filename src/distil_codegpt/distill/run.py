@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from distil_codegpt.config import ConfigError, DistilConfig, LoopConfig, TrainConfig, to_dict
 from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
+from distil_codegpt.distill.checkpoint import checkpoint_path
 from distil_codegpt.distill.inputs import check_model, tokenizer_dir
 from distil_codegpt.distill.teacher_cache import TeacherCache
 from distil_codegpt.distill.trainer import Runtime, Trainer, pretrained_teacher, setup_runtime
@@ -100,10 +102,61 @@ def _warn_tempered_tail(cache: Any, temperature: float) -> None:
 
 
 def run_distil(cfg: DistilConfig) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    """Distil the student: one stage, or with --local-share the local stage to OUT/local and global KD from it."""
     if not cfg.resolved():  # the loss defaults depend on where the teacher comes from
         source = cfg.teacher or _cached_teacher(cfg.teacher_cache)
         cfg = cfg.resolve(pretrained_teacher(resolve_model(source, role="teacher") if source else ""))
+    if cfg.stage == "global" and cfg.local_share > 0:
+        return _local_then_global(cfg)
+    return _run_stage(cfg)
+
+
+def _share(n: int, share: float) -> int:
+    """The local stage's part of a count budget (steps, tokens): at least 1, leaving at least 1."""
+    return min(max(round(share * n), 1), n - 1) if n > 1 else n
+
+
+def _local_then_global(cfg: DistilConfig) -> dict[str, Any]:
+    """The local stage for local_share of every budget given, saved to OUT/local (skipped when a resumed run finds
+    it done), then global KD from it for the rest: what the local stage used (its run.json) is taken off."""
+    local_out = Path(cfg.out) / "local"
+    local = dataclasses.replace(cfg, stage="local", out=str(local_out), local_share=0.0, snapshots=0)
+    local = dataclasses.replace(
+        local,
+        max_steps=_share(cfg.max_steps, cfg.local_share),
+        max_tokens=_share(cfg.max_tokens, cfg.local_share) if cfg.max_tokens else 0,
+        max_minutes=cfg.local_share * cfg.max_minutes,
+        resume=cfg.resume and checkpoint_path(local_out).exists(),
+    )
+    done = local_out / "run.json"
+    if cfg.resume and done.is_file():
+        print(f"local stage: done in {local_out} (run.json), global KD next", flush=True)
+        used = json.loads(done.read_text()).get("metrics") or {}
+    else:
+        print(f"local stage first ({100 * cfg.local_share:.0f}% of the budget) -> {local_out}", flush=True)
+        used = _run_stage(local)
+    left_minutes = cfg.max_minutes - used.get("train_seconds", 0.0) / 60 if cfg.max_minutes else 0.0
+    if cfg.max_minutes and left_minutes <= 0:
+        raise ConfigError(f"max_minutes: the local stage used all {cfg.max_minutes:g}; use a smaller --local-share")
+    rest = dataclasses.replace(
+        cfg,
+        student=str(local_out),
+        local_share=0.0,
+        max_steps=max(cfg.max_steps - int(used.get("steps", 0)), 1),
+        max_tokens=max(cfg.max_tokens - int(used.get("tokens", 0)), 1) if cfg.max_tokens else 0,
+        max_minutes=left_minutes,
+        resume=cfg.resume and checkpoint_path(Path(cfg.out)).exists(),
+    )
+    print(f"global KD from the local stage's student -> {cfg.out}", flush=True)
+    return _run_stage(rest, {"local_stage": {k: used.get(k) for k in LOCAL_KEYS} | {"out": str(local_out)}})
+
+
+LOCAL_KEYS = ("steps", "tokens", "train_seconds", "train_loss", "dev_loss")
+
+
+def _run_stage(cfg: DistilConfig, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training stage; `before` (what an earlier stage of this run did) goes into its metrics and run.json."""
+    t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # the teacher first: a wrong teacher path fails before the student's weights are read
@@ -152,6 +205,7 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     metrics = trainer.fit()
     metrics.update(params=params, teacher_params=teacher_params, device=str(rt.device), processes=rt.world)
     metrics["precision"] = precision_name(rt.dtype)  # what `auto` picked on this machine
+    metrics.update(before or {})
     if rt.main:
         write_manifest(out, "distil", to_dict(cfg), metrics, time.perf_counter() - t0, cfg.seed)
     return metrics

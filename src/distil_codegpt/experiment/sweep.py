@@ -179,6 +179,7 @@ class Sweep:
         values = self._loop(out, steps, c.student_lr, teacher=str(self.teacher), student=str(init))
         values.update(temperature=c.temperature, alpha_ce=c.alpha_ce, alpha_clm=c.alpha_clm, alpha_cos=c.alpha_cos)
         values.update(divergence=c.divergence, teacher_mode=c.teacher_mode, teacher_lr=c.correction_lr or c.student_lr)
+        values["local_share"] = 0.0  # the sweep runs a local stage as a step of its own (study.local_share)
         values.update(kw)
         return values
 
