@@ -20,6 +20,9 @@ teacher blocks), the rest in logit KD (forward KL, T = 1, the frozen teacher); t
 Rows named in --curve also save the student at each quarter of the budget (`distil --snapshots 4`), and every
 snapshot is evaluated: ES kept against minutes.
 
+`--no-eval` trains the rows back to back and leaves their evaluations to the same command run without it (the
+evaluations time a batch-1 line too, so they want idle cores as much as training does).
+
 Every step is skipped when its run.json is there and a training stage cut short resumes from its checkpoint, so the
 same command continues after an interruption; run it on an otherwise idle machine (the budget is wall-clock).
 """
@@ -73,6 +76,8 @@ def minutes_of(r: dict, key: str = "train_seconds") -> float:
 
 
 def evaluate(a: argparse.Namespace, model: Path, out: Path) -> None:
+    if a.no_eval:
+        return
     cmd = cli() + ["evaluate", "--model", str(model), "--test", str(Path(a.data) / "line_completion" / "test.json")]
     cmd += ["--limit", str(a.examples), "--context", "1024", "--max-new-tokens", "48", "--batch-size", "8"]
     cmd += ["--latency-samples", str(a.latency_samples), "--out", str(out)]
@@ -90,6 +95,9 @@ def main() -> None:
     p.add_argument("--local-share", type=float, default=0.25, help="the local stage's share of a -local row")
     p.add_argument("--examples", type=int, default=500, help="line completions evaluated (the same for every row)")
     p.add_argument("--latency-samples", type=int, default=10)
+    p.add_argument(
+        "--no-eval", action="store_true", help="train only (rows back to back); the same command without it evaluates"
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     a = p.parse_args()

@@ -4,6 +4,7 @@ paired-bootstrap interval, latency, and the minutes and tokens of every training
     python benchmarks/recipe_table.py runs/pilot teacher A-kd B-kd C-kd
     python benchmarks/recipe_table.py runs/demo-real teacher students/kd-20-ffn600      # run from the clone's root
     python benchmarks/recipe_table.py runs/recipe60 teacher-eval mix-local width-local  # benchmarks/recipe_compare.py
+    python benchmarks/recipe_table.py runs/recipe60 teacher-eval mix-local --save docs/recipe60  # and the files
 
 Each name is a model directory under the root with an evaluation in NAME/eval (`evaluate --out NAME/eval`). A
 student's stages are found by walking back from its run.json: each distil run names the student it started from,
@@ -15,7 +16,10 @@ curve: ES kept against the minutes spent.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +85,46 @@ def main() -> None:
     ap.add_argument("root", help="the folder the models are in")
     ap.add_argument("teacher", help="the teacher's directory under root")
     ap.add_argument("students", nargs="+", help="student directories under root")
+    ap.add_argument(
+        "--save",
+        metavar="DIR",
+        help="also write the table to DIR/table.md and copy each model's evaluation (metrics.json, predictions.txt),"
+        " run.json and evaluated snapshots there: small files to commit (never the weights)",
+    )
     args = ap.parse_args()
+    if args.save:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            table(args)
+        print(buf.getvalue(), end="")
+        save(Path(args.root), [args.teacher, *args.students], Path(args.save), buf.getvalue())
+    else:
+        table(args)
+
+
+def save(root: Path, names: list[str], dest: Path, text: str) -> None:
+    """The table and the small files behind it, copied to `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "table.md").write_text(text)
+    for name in names:
+        src = root / name
+        evals = [eval_dir(src)] + sorted(s.parent / "eval" for s in (src / "snapshots").glob("*/snapshot.json"))
+        for d in evals:
+            to = dest / name / d.relative_to(src)
+            for f in ("metrics.json", "predictions.txt", "run.json"):
+                if (d / f).is_file():
+                    to.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(d / f, to / f)
+            if (d.parent / "snapshot.json").is_file() and d.parent != src:
+                shutil.copy2(d.parent / "snapshot.json", to.parent / "snapshot.json")
+    for d in root.iterdir():  # every step's record: the cuts (their scores), local stages, students
+        if (d / "run.json").is_file():
+            (dest / d.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(d / "run.json", dest / d.name / "run.json")
+    print(f"saved to {dest}")
+
+
+def table(args: argparse.Namespace) -> None:
     root = Path(args.root)
     td = eval_dir(root / args.teacher)
     tm = json.loads((td / "metrics.json").read_text())
