@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sysconfig
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -44,3 +46,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_tokenizer(build_config(TokenizerConfig, {"data": str(data), "out": str(tok), "vocab_size": 1200}))
     shards = build_shards(build_config(ShardsConfig, {"data": str(data), "tokenizer": str(tok)}))
     return {"root": root, "data": data, "tok": tok, "shards": Path(shards["out"])}
+
+
+def benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py loaded as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,22 +5,16 @@ tests import nothing of the package and take well under a second; the last one s
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "import_graph.py"
+from conftest import benchmark
 
 
 @pytest.fixture(scope="module")
 def checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("import_graph", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("import_graph")
 
 
 def test_no_module_imports_itself_through_others(checker: ModuleType) -> None:
