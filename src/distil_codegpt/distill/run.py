@@ -120,9 +120,12 @@ def _local_then_global(cfg: DistilConfig) -> dict[str, Any]:
     """The local stage for local_share of every budget given, saved to OUT/local (skipped when a resumed run finds
     it done), then global KD from it for the rest: what the local stage used (its run.json) is taken off."""
     local_out = Path(cfg.out) / "local"
-    local = dataclasses.replace(cfg, stage="local", out=str(local_out), local_share=0.0, snapshots=0)
     local = dataclasses.replace(
-        local,
+        cfg,
+        stage="local",
+        out=str(local_out),
+        local_share=0.0,
+        snapshots=0,
         max_steps=_share(cfg.max_steps, cfg.local_share),
         max_tokens=_share(cfg.max_tokens, cfg.local_share) if cfg.max_tokens else 0,
         max_minutes=cfg.local_share * cfg.max_minutes,
