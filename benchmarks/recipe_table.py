@@ -108,7 +108,8 @@ def save(root: Path, names: list[str], dest: Path, text: str) -> None:
     (dest / "table.md").write_text(text)
     for name in names:
         src = root / name
-        evals = [eval_dir(src)] + sorted(s.parent / "eval" for s in (src / "snapshots").glob("*/snapshot.json"))
+        snaps = sorted(eval_dir(s.parent) for s in (src / "snapshots").glob("*/snapshot.json"))
+        evals = [eval_dir(src)] + [d for d in snaps if (d / "metrics.json").is_file()]  # not yet evaluated: left
         for d in evals:
             to = dest / name / d.relative_to(src)
             for f in ("metrics.json", "predictions.txt", "run.json"):

@@ -47,6 +47,8 @@ def study(root: Path) -> None:
         (root / d / "metrics.json").write_text(json.dumps(metrics))
     snap = {"fraction": 0.25, "step": 10, "tokens": 1200, "train_seconds": 720}
     (root / "mix-local/snapshots/1-of-4/snapshot.json").write_text(json.dumps(snap))
+    (root / "mix-local/snapshots/2-of-4").mkdir()  # saved, not yet evaluated: in neither the curve nor the copies
+    (root / "mix-local/snapshots/2-of-4/snapshot.json").write_text(json.dumps({**snap, "train_seconds": 1000}))
 
 
 def test_stages_walk_back_to_the_cut(table: ModuleType, tmp_path: Path) -> None:
@@ -83,3 +85,4 @@ def test_the_curve_counts_earlier_stages_and_save_copies_the_files(table: Module
               "mix-local/snapshots/1-of-4/eval/metrics.json", "mix-local/snapshots/1-of-4/snapshot.json",
               "cut-mix/run.json", "local-mix/run.json"):  # fmt: skip
         assert (docs / f).read_bytes() == (root / f).read_bytes(), f
+    assert not (docs / "mix-local/snapshots/2-of-4").exists()
