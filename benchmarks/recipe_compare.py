@@ -9,10 +9,10 @@ Rows (students at <= 50% of SmolLM2-135M's multiply-adds per token, head include
 
   depth, depth-local       10 of 30 blocks (influence pick): 47.4% of the teacher's compute
   width, width-local       30 blocks, 6 of 9 heads (2 of 3 KV groups), MLPs of 384 of 1,536: 49.0%
-  mix, mix-local           20 blocks (influence) with MLPs of 600: 49.6% (the recipe of `make demo`)
-  mix-local-lr3e-4, mix-local-lr3e-3    the learning-rate bracket of global KD around 1e-3 (the real study's best and
-                           largest); they share mix-local's local stage (at 1e-3)
-  mix-local-trim           mix-local with its head trimmed to the ids of the corpus (`compress --trim-vocab`): a
+  mix, mix-local           20 blocks (influence) with MLPs of 600: 49.6%
+  width-local-lr3e-4, width-local-lr3e-3    the learning-rate bracket of global KD around 1e-3 (the real study's
+                           best and largest) for the best cut measured; they share width-local's local stage (at 1e-3)
+  width-local-trim         width-local with its head trimmed to the ids of the corpus (`compress --trim-vocab`): a
                            speed row (our engine only; GGUF cannot hold a trimmed head), no training of its own
 
 A `-local` row spends --local-share of what the cut's scoring left in the local stage (each block learns its span of
@@ -49,9 +49,9 @@ ROWS = {
     "width-local": ("width", True, 1e-3, False),
     "mix": ("mix", False, 1e-3, False),
     "mix-local": ("mix", True, 1e-3, False),
-    "mix-local-lr3e-4": ("mix", True, 3e-4, False),
-    "mix-local-lr3e-3": ("mix", True, 3e-3, False),
-    "mix-local-trim": ("mix", True, 1e-3, True),
+    "width-local-lr3e-4": ("width", True, 3e-4, False),
+    "width-local-lr3e-3": ("width", True, 3e-3, False),
+    "width-local-trim": ("width", True, 1e-3, True),
 }
 
 
