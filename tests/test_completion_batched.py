@@ -165,3 +165,23 @@ def test_line_end_mass_is_greedy_only(model, tok) -> None:
         complete(model, tok, ["x ="], beam=2, line_end="mass", progress=False)
     with pytest.raises(completion.ConfigError, match="not one of"):
         complete(model, tok, ["x ="], line_end="sum", progress=False)
+
+
+class PastKeyValuesOnly(torch.nn.Module):
+    """A model as transformers 5 before the KV cache's rename: its forward takes the cache as `past_key_values` and
+    drops keywords it does not know (a cache passed as `cache` would never be filled)."""
+
+    def __init__(self, inner: GPT2LMHeadModel) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0, **ignored):  # fmt: skip
+        return self.inner(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+
+
+def test_a_model_that_takes_past_key_values_decodes_the_same(model, tok, inputs) -> None:
+    old = PastKeyValuesOnly(model)
+    expected = [one_at_a_time(model, tok, x)[0] for x in inputs[:10]]
+    assert complete(old, tok, inputs[:10], batch_size=4, max_new_tokens=MAX_NEW, progress=False) == expected

@@ -86,3 +86,13 @@ def test_the_curve_counts_earlier_stages_and_save_copies_the_files(table: Module
               "cut-mix/run.json", "local-mix/run.json"):  # fmt: skip
         assert (docs / f).read_bytes() == (root / f).read_bytes(), f
     assert not (docs / "mix-local/snapshots/2-of-4").exists()
+
+
+def test_the_machine_comes_from_the_training_run_else_the_evaluation(table: ModuleType, tmp_path: Path) -> None:
+    study(tmp_path)
+    assert table.machine_of(tmp_path / "mix-local") == "not recorded"
+    run = json.loads((tmp_path / "mix-local/run.json").read_text())
+    write(tmp_path / "mix-local", {**run, "machine": {"cpu": "AMD EPYC", "cores": 2, "isa": "AVX2"}})
+    (tmp_path / "teacher-eval/run.json").write_text(json.dumps({"machine": {"cpu": "Xeon", "cores": 2, "isa": None}}))
+    assert table.machine_of(tmp_path / "mix-local") == "AMD EPYC, 2 cores, AVX2"
+    assert table.machine_of(tmp_path / "teacher-eval") == "Xeon, 2 cores"

@@ -19,7 +19,7 @@ from distil_codegpt.config import ConfigError, DistilConfig, StudentConfig, Trai
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill import trainer as trainer_module
 from distil_codegpt.distill.run import run_distil, run_train
-from distil_codegpt.distill.trainer import Trainer, lr_factor, setup_runtime
+from distil_codegpt.distill.trainer import Trainer, loss_chunk, lr_factor, setup_runtime
 from distil_codegpt.model.presets import preset_config
 from distil_codegpt.model.student import build_student
 
@@ -694,3 +694,11 @@ def test_snapshots_save_the_model_at_each_fraction_of_the_run(tiny_data: dict, t
     snapshot = tmp_path / "r" / "snapshots" / "1-of-2"
     assert GPT2LMHeadModel.from_pretrained(snapshot).config.n_layer == 2
     assert (snapshot / "tokenizer.json").is_file()
+
+
+def test_the_auto_head_loss_chunk_is_small_on_the_cpu_and_large_on_cuda() -> None:
+    assert loss_chunk(-1, 50257) == (16 << 20) // (4 * 50257) == 83  # ~16 MB of fp32 logits: stays in the CPU cache
+    assert loss_chunk(-1, 50257, torch.device("cuda")) == (1 << 30) // (4 * 50257) == 5341  # ~1 GiB: few launches
+    assert loss_chunk(-1, 64, torch.device("cuda")) == 1 << 16 and loss_chunk(-1, 64) == 4096  # the caps
+    assert loss_chunk(-1, 10**9, torch.device("cuda")) == 32 == loss_chunk(-1, 10**9)  # the floor
+    assert loss_chunk(512, 50257, torch.device("cuda")) == 512 and loss_chunk(0, 50257) == 0  # a setting is kept

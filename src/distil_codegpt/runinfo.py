@@ -49,6 +49,32 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; the platform's word elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a stage ran: wall-clock figures (a budget of minutes, tokens/s, latency) compare only within one machine.
+    `isa` is the widest vector instructions PyTorch's CPU kernels use here (AVX2, AVX512, ...)."""
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0))
+                            if hasattr(os, "sched_getaffinity") else os.cpu_count()}  # fmt: skip
+    torch = sys.modules.get("torch")  # every stage that times anything has loaded it; none loads it for this
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+        info["isa"] = capability() if capability else None
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
 # Files this process moved into place, in order: after an error the CLI says what a run did and did not write.
 WRITTEN: list[Path] = []
 # Storage faults: an error while writing one of these is the disk's, not the code's, and is reported as such.
@@ -186,6 +212,7 @@ def write_manifest(
             "package_version": __version__,
             "git_commit": git_commit(),
             "versions": library_versions(),
+            "machine": machine_info(),
             "argv": sys.argv,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(seconds, 3),

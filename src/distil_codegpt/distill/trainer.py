@@ -102,15 +102,20 @@ def make_optimizer(model: torch.nn.Module, lr: float, cfg: LoopConfig, device: t
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def loss_chunk(setting: int, vocab: int) -> int:
-    """Tokens per chunk of the head loss: `setting`, or for -1 about 16 MB of fp32 logits per [chunk, V] tensor.
+def loss_chunk(setting: int, vocab: int, device: torch.device | None = None) -> int:
+    """Tokens per chunk of the head loss: `setting`, or for -1 about 16 MB of fp32 logits per [chunk, V] tensor on
+    the CPU and 1 GiB on CUDA.
 
     Measured on 2 CPU cores by benchmarks/head_loss_chunks.py (forward + backward, 2,048 tokens, width 128): at
     V = 50k, chunks of 64-128 tokens took 1.2-1.3 s and chunks of 1,024 took 3.4 s (their tensors no longer stay
-    in the CPU cache); at V = 4k, chunks of 64 to 2,048 took 0.08 to 0.13 s.
+    in the CPU cache); at V = 4k, chunks of 64 to 2,048 took 0.08 to 0.13 s. On a GPU every chunk is a round of
+    small kernels: on an H200 (benchmarks/gpu_check.sh) the CPU's 83-token chunks at V = 50k ran a KD step at 0.43x
+    the plain loss's speed, so CUDA takes chunks some 60 times larger (docs/PERFORMANCE.md).
     """
     if setting >= 0:
         return setting
+    if device is not None and device.type == "cuda":
+        return max(32, min(1 << 16, (1 << 30) // (4 * vocab)))
     return max(32, min(4096, (16 << 20) // (4 * vocab)))
 
 
@@ -178,7 +183,7 @@ class Trainer:
         self.kept = kept_mask(student)
         if self.kept is not None and self.cache is not None:
             raise ConfigError("teacher_cache: a student with a trimmed head distils from the teacher; pass --teacher")
-        self.chunk = loss_chunk(cfg.loss_chunk, self._head(student).size(0))
+        self.chunk = loss_chunk(cfg.loss_chunk, self._head(student).size(0), rt.device)
         self.local = None
         if self.kd and cfg.stage == "local":
             if teacher is None:

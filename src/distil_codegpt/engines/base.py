@@ -152,9 +152,8 @@ class TorchEngine(Engine):
         self.model = model.to(device).eval()
         self.tokenizer, self.path, self.device = tokenizer, Path(path), torch.device(device)
         self.context = families.context(model)
-        # transformers 5 calls the KV cache `cache` (`past_key_values` before, deprecated since)
         params = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = families.cache_arg(self.model)
         self._keep_arg = "logits_to_keep" in params
         self.cache_slots, self.slots = cache_slots, []
         self.cached_tokens = 0  # prompt tokens the last `stream` took from the cache

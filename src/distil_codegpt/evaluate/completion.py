@@ -297,6 +297,7 @@ class _Greedy:
             for mode in (0, 1):
                 self.is_end[mode, [i for i in stops.line_end(bool(mode)) if i < vocab]] = True
         self.additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"  # eager adds its mask
+        self.cache_arg = families.cache_arg(model)
 
     def run(self, slots: int) -> Iterator[tuple[int, list[int]]]:
         """(sequence index, its new ids up to and with its stop token) of every sequence, in the order they end."""
@@ -412,9 +413,8 @@ class _Greedy:
         """(B, V) logits of each row's last position; `mask` (B, 1, q, kv) True = attend, None = plain causal."""
         if mask is not None and self.additive:
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        out = self.model(
-            input_ids=x, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1
-        )
+        kw = {self.cache_arg: cache}
+        out = self.model(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1]
 
 

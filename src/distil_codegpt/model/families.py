@@ -21,6 +21,7 @@ head.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +169,13 @@ def tied_head(model: nn.Module) -> bool:
     """Whether the LM head is the input embedding matrix (GPT-2, SmolLM2) rather than its own (Pythia, Llama-7B)."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def cache_arg(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` in recent transformers 5 (5.2x on),
+    `past_key_values` before it (an alias of `cache` since, deprecated). A cache passed by the wrong name is
+    swallowed by `**kwargs` and never filled."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def count_params(model: torch.nn.Module) -> int:
