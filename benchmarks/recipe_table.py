@@ -157,6 +157,11 @@ def table(args: argparse.Namespace) -> None:
             f"{kept} | {r['cold'] or 0:.0f} | {r['warm'] or 0:.0f} | {st} | {total:.1f} |"
         )
     print(f"\n{r['n']} examples; ES kept = student ES / teacher ES on the same examples")
+    machines = {name: machine_of(root / name) for name in [args.teacher, *args.students]}
+    print(
+        "machines (minutes, tokens and latency compare only within one): "
+        + "; ".join(f"{n}: {m}" for n, m in machines.items())
+    )
     curves = [(name, curve(root, name, teacher)) for name in args.students]
     if any(points for _, points in curves):
         print(
@@ -169,6 +174,15 @@ def table(args: argparse.Namespace) -> None:
                     f"| {name} | {minutes:.1f} | {tokens:,} | {es:.1f} |"
                     f" {100 * k:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}) |"
                 )
+
+
+def machine_of(model: Path) -> str:
+    """The machine that trained a model (or, for a model trained elsewhere, evaluated it), from its run.json."""
+    for run in (model / "run.json", eval_dir(model) / "run.json"):
+        m = json.loads(run.read_text()).get("machine") if run.is_file() else None
+        if m:
+            return f"{m['cpu']}, {m['cores']} cores" + (f", {m['isa']}" if m.get("isa") else "")
+    return "not recorded"
 
 
 def curve(root: Path, name: str, teacher: dict[str, Any]) -> list[tuple[float, int, float, tuple]]:
