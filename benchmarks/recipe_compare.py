@@ -25,6 +25,11 @@ evaluations time a batch-1 line too, so they want idle cores as much as training
 
 Every step is skipped when its run.json is there and a training stage cut short resumes from its checkpoint, so the
 same command continues after an interruption; run it on an otherwise idle machine (the budget is wall-clock).
+
+The minutes buy different tokens on different machines (the width cut's global KD ran at 142 tokens/s on one
+2-core machine and 62 on another), so rows compare only within one machine: the first run writes ROOT/machine.json
+(the processor and an fp32 matrix-product probe, GFLOP/s on the threads training uses), and every later run measures
+the probe again and stops with both figures if they differ by more than --machine-tolerance (--other-machine goes on).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from distil_codegpt.runinfo import machine_info
 
 CUTS = {
     "depth": ["--layers", "10", "--pick", "influence"],
@@ -70,6 +79,37 @@ def run(cmd: list[str], out: Path) -> dict:
     return json.loads(done.read_text())
 
 
+def probe_gflops(n: int = 1024, seconds: float = 3.0) -> float:
+    """fp32 matrix products of n x n on this process's threads: the best GFLOP/s of 5 rounds of ~seconds/5."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(5):
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / 5:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / elapsed / 1e9)
+    return best
+
+
+def check_machine(root: Path, tolerance: float, other_ok: bool, gflops: float | None = None) -> str:
+    """Record this machine in root/machine.json on first use; later, compare: a message, or exit if it differs."""
+    gflops = probe_gflops() if gflops is None else gflops
+    here = {**machine_info(), "probe_gflops": round(gflops, 1)}
+    path = root / "machine.json"
+    if not path.is_file():
+        path.write_text(json.dumps(here, indent=1) + "\n")
+        return f"machine: {here['cpu']}, {here['cores']} cores, probe {gflops:.1f} GFLOP/s (recorded in {path})"
+    ref = json.loads(path.read_text())
+    ratio = gflops / ref["probe_gflops"]
+    line = (f"machine: {here['cpu']}, probe {gflops:.1f} GFLOP/s; the rows of {root} were trained on {ref['cpu']}"
+            f" at {ref['probe_gflops']:.1f} ({ratio:.2f}x)")  # fmt: skip
+    if abs(ratio - 1) > tolerance and not other_ok:
+        sys.exit(f"error: {line}: its minutes would buy other tokens; use another --root, or --other-machine")
+    return line
+
+
 def minutes_of(r: dict, key: str = "train_seconds") -> float:
     m = r.get("metrics") or {}
     return float(m.get(key, r.get("seconds", 0.0))) / 60
@@ -98,6 +138,8 @@ def main() -> None:
     p.add_argument(
         "--no-eval", action="store_true", help="train only (rows back to back); the same command without it evaluates"
     )
+    p.add_argument("--machine-tolerance", type=float, default=0.15, help="the probe's largest relative difference")
+    p.add_argument("--other-machine", action="store_true", help="train even if the probe differs from ROOT's")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     a = p.parse_args()
@@ -108,6 +150,7 @@ def main() -> None:
         sys.exit(f"error: --rows/--curve: unknown {', '.join(unknown)}; choose from {','.join(ROWS)}")
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
+    print(check_machine(root, a.machine_tolerance, a.other_machine), flush=True)
     evaluate(a, Path(a.teacher), root / "teacher-eval")
     loop = ["--data", a.data, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--schedule", "cosine"]
     loop += ["--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "8", "--save-every", "20"]
