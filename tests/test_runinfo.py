@@ -13,7 +13,7 @@ from distil_codegpt.runinfo import write_manifest
 
 
 def test_the_manifest_names_the_machine(tmp_path: Path) -> None:
-    torch.set_num_threads(torch.get_num_threads())  # torch is loaded: the manifest reports its threads and ISA
+    # torch is loaded (imported above): the manifest reports its threads and ISA
     machine = json.loads(write_manifest(tmp_path, "test", {}, {"x": 1}, 1.0).read_text())["machine"]
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
