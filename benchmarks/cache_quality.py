@@ -71,7 +71,7 @@ def main() -> None:
     loop = {"data": a.data, "student": str(init), "max_steps": a.steps, "batch_size": a.batch_size,
             "seq_len": a.seq_len, "lr": a.lr, "warmup_steps": 20, "eval_every": 0, "save_every": 0,
             "temperature": a.temperature, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 0.0, "device": a.device,
-            "tensorboard": False}  # fmt: skip
+            "tensorboard": False, "local_share": 0.0}  # fmt: skip
     ways = {"online frozen": {"teacher": a.teacher}, "teacher cache": {"teacher_cache": str(out / "cache")}}
     if a.grid_online:
         ways["online, grid"] = {"teacher": a.teacher}

@@ -21,7 +21,6 @@ bf16 autocast is only faster on a CPU with native bf16 (AVX-512 BF16 or AMX; els
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import subprocess
 import sys
@@ -64,6 +63,7 @@ def time_kd(a: argparse.Namespace, precision: str) -> dict:
 def time_decode(a: argparse.Namespace, path: str, precision: str) -> dict:
     """Prefill once (timed), then greedy steps with the cache; the head's time from hooks around its forward."""
     from distil_codegpt.engines.load import load_for_evaluation
+    from distil_codegpt.model import families
 
     torch.set_num_threads(a.threads or torch.get_num_threads())
     model = load_for_evaluation(path)[0].eval()
@@ -71,8 +71,7 @@ def time_decode(a: argparse.Namespace, path: str, precision: str) -> dict:
     head.register_forward_pre_hook(lambda m, i: spent.__setitem__(0, spent[0] - time.perf_counter()))
     head.register_forward_hook(lambda m, i, o: spent.__setitem__(0, spent[0] + time.perf_counter()))
     x = prompt_ids(a)
-    # transformers 5 calls the KV cache `cache` (`past_key_values` before)
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    arg = families.cache_arg(model)
     amp = torch.bfloat16 if precision == "bf16" else None
     with torch.inference_mode(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
         model(input_ids=x[:, :8], use_cache=True)  # warm-up

@@ -42,7 +42,7 @@ for pick in uniform influence angular; do
 done
 
 LOOP=(--data "$R/data" --batch-size "$BATCH" --seq-len "$SEQ" --lr 3e-4 --warmup-steps 5 --eval-batches 8
-      --eval-every 0 --save-every 20)
+      --eval-every 0 --save-every 20 --local-share 0)
 S0=$R/init/15-uniform
 distil() {  # distil OUT STEPS EXTRA...
     local out=$1 steps=$2; shift 2

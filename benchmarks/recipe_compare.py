@@ -209,6 +209,8 @@ def main() -> None:
                 str(out),
                 "--max-minutes",
                 f"{left - spent:.4f}",
+                "--local-share",
+                "0",  # a row's local stage is the step above, or none
                 *snap,
                 *common,
             ],

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from distil_codegpt.config import ConfigError, DistilConfig, StudentConfig, build_config
 from distil_codegpt.config.training import LOCAL_SHARE
-from distil_codegpt.distill.local import LocalStage, block_loss, block_spans
+from distil_codegpt.distill.local import LocalStage, block_loss, block_spans, fresh_cut
 from distil_codegpt.distill.run import run_distil
 from distil_codegpt.distill.trainer import Trainer, setup_runtime
 from distil_codegpt.model import families
@@ -149,6 +149,7 @@ def test_local_stage_errors_name_the_fix(teacher_dir, tiny_data, tmp_path):
         build_config(DistilConfig, {"data": "d", "out": "o", "student": "s", "teacher_cache": "c", "stage": "local"})
     other = save(make_teacher(tmp_path, "tiny-llama", tiny_data["tok"]), tmp_path / "r", tiny_data["tok"])
     build_student(StudentConfig(teacher=str(other), out=str(tmp_path / "rand"), layers=2, random=True))
+    assert not fresh_cut(str(tmp_path / "rand"))  # so `distil`'s default runs no local stage for it
     with pytest.raises(ConfigError, match=r"^stage: local needs a student cut from this teacher"):
         run_distil(local_cfg(tiny_data, teacher_dir, tmp_path / "rand", tmp_path / "x", max_steps=1))
 
@@ -183,18 +184,31 @@ def test_local_share_runs_the_local_stage_then_global_kd_from_it(teacher_dir, ti
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "hand").state_dict()
     for k, v in AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict().items():
         torch.testing.assert_close(v, b[k], atol=0, rtol=0)
+    # the defaults for a pretrained teacher and a student cut from it: the logit recipe with its quarter of local
+    # stage, the same run as the explicit one
+    assert fresh_cut(str(tmp_path / "s")) and not fresh_cut(str(tmp_path / "nowhere"))
+    assert not fresh_cut(str(tmp_path / "hand-local"))  # trained already: its own default is global KD only
+    run_distil(local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "default", max_steps=8, stage="global"))
+    run = json.loads((tmp_path / "default" / "run.json").read_text())
+    assert run["config"]["recipe"] == "logit" and run["metrics"]["local_stage"]["steps"] == 2
+    for k, v in AutoModelForCausalLM.from_pretrained(tmp_path / "default").state_dict().items():
+        torch.testing.assert_close(v, b[k], atol=0, rtol=0)
 
 
 def test_local_share_defaults_and_errors():
     base = {"data": "d", "out": "o", "student": "s", "teacher": "t"}
     cfg = build_config(DistilConfig, base)
     assert cfg.local_share == -1
+    assert LOCAL_SHARE == {"distilbert": 0.0, "logit": 0.25}
     for recipe, share in LOCAL_SHARE.items():
-        assert build_config(DistilConfig, {**base, "recipe": recipe}).resolve(True).local_share == share
+        one = build_config(DistilConfig, {**base, "recipe": recipe})
+        assert one.resolve(True, cut_student=True).local_share == share
+        assert one.resolve(True).local_share == 0  # a student not cut from the teacher: no local stage to run
+    assert build_config(DistilConfig, {**base, "max_steps": 3}).resolve(True, cut_student=True).local_share == 0
     cached = build_config(DistilConfig, {**base, "teacher": "", "teacher_cache": "c", "recipe": "logit"})
-    assert cached.resolve(True).local_share == 0  # no activations in a cache: global KD only
+    assert cached.resolve(True, cut_student=True).local_share == 0  # no activations in a cache: global KD only
     trains = build_config(DistilConfig, {**base, "teacher_mode": "train"})
-    assert trains.resolve(True).local_share == 0
+    assert trains.resolve(True, cut_student=True).local_share == 0
     assert build_config(DistilConfig, {**base, "local_share": 0.3}).resolve(True).local_share == 0.3
     with pytest.raises(ConfigError, match=r"^teacher_cache: .* the local stage needs --teacher"):
         build_config(DistilConfig, {**base, "teacher": "", "teacher_cache": "c", "local_share": 0.25})

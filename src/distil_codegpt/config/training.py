@@ -84,8 +84,9 @@ class TrainConfig(LoopConfig):
 ALL_ZERO = "at least one of alpha_ce, alpha_clm, alpha_cos, alpha_mse must be positive"
 # Defaults of the KD loss per recipe (DistilConfig.recipe, DistilConfig.resolve).
 # The logit recipe's lr is the best of the real study's measured search (docs/RESULTS.md).
-# The share of a distil budget spent first in the local stage, per recipe (0 = global KD only).
-LOCAL_SHARE: dict[str, float] = {"distilbert": 0.0, "logit": 0.0}
+# The share of a distil budget spent first in the local stage, per recipe (0 = global KD only): for a pretrained
+# teacher, a quarter (the one-hour comparison, docs/RESULTS.md), when the student is a cut of that teacher.
+LOCAL_SHARE: dict[str, float] = {"distilbert": 0.0, "logit": 0.25}
 RECIPES: dict[str, dict[str, float]] = {
     "distilbert": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_clm": 2.0, "alpha_cos": 1.0, "lr": 5e-4},
     "logit": {"temperature": 1.0, "alpha_ce": 1.0, "alpha_clm": 0.0, "alpha_cos": 0.0, "lr": 1e-3},
@@ -131,7 +132,8 @@ class DistilConfig(LoopConfig):
         -1.0,
         "with --stage global: first spend this share of the budget (of --max-minutes when set, and of --max-steps"
         " and --max-tokens) in the local stage, saved to OUT/local, then global KD from it in the rest"
-        " (-1 = the recipe's: 0; needs the online frozen teacher)",
+        " (-1 = the recipe's: logit 0.25 when the student comes straight from `student` (a cut of the teacher, not"
+        " yet trained), the teacher runs online and frozen and the budget has 4 steps or more; else 0)",
     )
 
     def resolved(self) -> bool:
@@ -139,17 +141,19 @@ class DistilConfig(LoopConfig):
         fields = [*RECIPES["logit"], "local_share"]
         return self.recipe != "auto" and all(getattr(self, k) != -1 for k in fields)
 
-    def resolve(self, pretrained_teacher: bool) -> DistilConfig:
+    def resolve(self, pretrained_teacher: bool, cut_student: bool = False) -> DistilConfig:
         """The one place the recipe's defaults are filled in (fields left at -1), once the teacher is known.
 
         A cache holds no hidden states, so alpha_cos defaults to 0 there, while an explicit alpha_cos > 0 with a
-        cache still fails (with the fix)."""
+        cache still fails (with the fix). The recipe's local stage is the default only for a student straight from
+        `student` (`cut_student`: a cut of the teacher, not yet trained)."""
         name = self.recipe if self.recipe != "auto" else ("logit" if pretrained_teacher else "distilbert")
         values = {k: v for k, v in RECIPES[name].items() if getattr(self, k) == -1}
         if self.teacher_cache and self.alpha_cos == -1:
             values["alpha_cos"] = 0.0
         if self.local_share == -1:  # a local stage needs the online frozen teacher and comes before global KD only
-            plain = self.teacher_cache or self.teacher_mode == "train" or self.stage == "local"
+            plain = self.teacher_cache or self.teacher_mode == "train" or self.stage == "local" or not cut_student
+            plain = plain or self.max_steps < 4  # a stage of its own needs steps to spare
             values["local_share"] = 0.0 if plain else LOCAL_SHARE[name]
         done = dataclasses.replace(self, recipe=name, **values)
         _check(

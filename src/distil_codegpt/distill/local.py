@@ -21,6 +21,8 @@ Losses, per block, averaged over the blocks:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,6 +33,19 @@ from distil_codegpt.model import families
 from distil_codegpt.model.layer_scores import residual_stream
 
 LocalLoss = Literal["nmse", "cosine"]
+
+
+def fresh_cut(student: str) -> bool:
+    """Whether a student directory is a cut of a teacher straight from `distil-codegpt student` (its run.json says so
+    and its config.json names the teacher blocks it came from, which the local stage needs), not yet trained: a hub
+    id, any other model or a student already distilled gives False."""
+    root = Path(student).expanduser()
+    try:
+        run = json.loads((root / "run.json").read_text())
+        config = json.loads((root / "config.json").read_text())
+        return run.get("stage") == "student" and bool(config.get("distil_layer_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def block_spans(student: nn.Module, teacher_depth: int) -> list[tuple[int, int]]:

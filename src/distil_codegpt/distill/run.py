@@ -18,6 +18,7 @@ from distil_codegpt.data.shards import ensure_shards
 from distil_codegpt.data.tokenizer import load_tokenizer
 from distil_codegpt.distill.checkpoint import checkpoint_path
 from distil_codegpt.distill.inputs import check_model, tokenizer_dir
+from distil_codegpt.distill.local import fresh_cut
 from distil_codegpt.distill.teacher_cache import TeacherCache
 from distil_codegpt.distill.trainer import Runtime, Trainer, pretrained_teacher, setup_runtime
 from distil_codegpt.model import families
@@ -105,7 +106,8 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     """Distil the student: one stage, or with --local-share the local stage to OUT/local and global KD from it."""
     if not cfg.resolved():  # the loss defaults depend on where the teacher comes from
         source = cfg.teacher or _cached_teacher(cfg.teacher_cache)
-        cfg = cfg.resolve(pretrained_teacher(resolve_model(source, role="teacher") if source else ""))
+        pretrained = pretrained_teacher(resolve_model(source, role="teacher") if source else "")
+        cfg = cfg.resolve(pretrained, cut_student=fresh_cut(cfg.student))
     if cfg.stage == "global" and cfg.local_share > 0:
         return _local_then_global(cfg)
     return _run_stage(cfg)
