@@ -193,6 +193,14 @@ def test_local_share_runs_the_local_stage_then_global_kd_from_it(teacher_dir, ti
     assert run["config"]["recipe"] == "logit" and run["metrics"]["local_stage"]["steps"] == 2
     for k, v in AutoModelForCausalLM.from_pretrained(tmp_path / "default").state_dict().items():
         torch.testing.assert_close(v, b[k], atol=0, rtol=0)
+    # a run begun in global KD only (as before this default) resumes there: no local stage slips in
+    plain = local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "plain", max_steps=4, **glob, local_share=0.0)
+    run_distil(plain)
+    run_distil(local_cfg(tiny_data, teacher_dir, tmp_path / "s", tmp_path / "plain", max_steps=6, stage="global",
+                         resume=True))  # fmt: skip
+    run = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert not (tmp_path / "plain" / "local").exists() and "local_stage" not in run["metrics"]
+    assert run["metrics"]["steps"] == 6 and run["config"]["local_share"] == 0
 
 
 def test_local_share_defaults_and_errors():

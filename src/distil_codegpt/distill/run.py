@@ -107,7 +107,9 @@ def run_distil(cfg: DistilConfig) -> dict[str, Any]:
     if not cfg.resolved():  # the loss defaults depend on where the teacher comes from
         source = cfg.teacher or _cached_teacher(cfg.teacher_cache)
         pretrained = pretrained_teacher(resolve_model(source, role="teacher") if source else "")
-        cfg = cfg.resolve(pretrained, cut_student=fresh_cut(cfg.student))
+        out = Path(cfg.out)  # a run that began in global KD (no OUT/local) resumes there, with no local stage
+        began_global = cfg.resume and checkpoint_path(out).exists() and not (out / "local").exists()
+        cfg = cfg.resolve(pretrained, cut_student=fresh_cut(cfg.student) and not began_global)
     if cfg.stage == "global" and cfg.local_share > 0:
         return _local_then_global(cfg)
     return _run_stage(cfg)
