@@ -7,7 +7,7 @@ OUT    ?= runs/demo
 # make demo: the real model. TOKENS (KD tokens), BUDGET (training minutes per student, every stage counted, e.g. 15m)
 # and EXAMPLES (evaluated lines) left empty keep the config's.
 DEMO_OUT     ?= runs/demo-real
-DEMO_STUDENT ?= students/kd-20-ffn600
+DEMO_STUDENT ?= students/kd-30-ffn384-heads6
 TOKENS       ?=
 BUDGET       ?=
 EXAMPLES     ?=
@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job on the real model: SmolLM2-135M fetched and imported, one 15-layer student distilled from it on the
-## raw standard library, teacher and student evaluated side by side (configs/demo-real.yaml).
+## The main job on the real model: SmolLM2-135M fetched and imported, one student at half its compute per token (all
+## 30 blocks, each thinned) distilled from it on the raw standard library, teacher and student evaluated side by
+## side (configs/demo-real.yaml).
 demo: $(STAMP)
 	$(BIN)/distil-codegpt sweep configs/demo-real.yaml --out $(DEMO_OUT) \
 		$(if $(TOKENS),--student-tokens $(TOKENS)) $(if $(BUDGET),--student-minutes $(patsubst %m,%,$(BUDGET))) \

@@ -251,14 +251,15 @@ def test_configs_of_the_real_runs_plan_the_study(tmp_path: Path, monkeypatch: py
         build_config(SweepConfig, {"out": str(tmp_path / "demo")}, yaml_path=ROOT / "configs" / "demo-real.yaml")
     )
     (teacher, student) = demo.models()
-    assert (teacher.name, student.name) == ("teacher", "students/kd-20-ffn600")
+    assert (teacher.name, student.name) == ("teacher", "students/kd-30-ffn384-heads6")
     steps = [s.name for s in student.steps]
     assert steps == ["init", "local stage", "distil"]
-    assert demo.cfg.student_minutes == 60 and demo.cfg.local_share == 0.25 and demo.cfg.pick == "influence"
+    assert demo.cfg.student_minutes == 60 and demo.cfg.local_share == 0.25 and demo.cfg.pick == "uniform"
+    assert (demo.cfg.student_ffn, demo.cfg.student_heads, demo.cfg.student_hidden) == (384, 6, 0)
     d = build_config(DistilConfig, student.distil)
     assert (d.temperature, d.alpha_ce, d.alpha_clm, d.alpha_cos, d.divergence) == (1.0, 1.0, 0.0, 0.0, "forward")
     assert (d.lr, d.batch_size, d.seq_len, d.teacher_mode, d.teacher_cache) == (1e-3, 4, 256, "frozen", "")
-    assert d.student.endswith("students/kd-20-ffn600-local")
+    assert d.student.endswith("students/kd-30-ffn384-heads6-local")
 
 
 def test_search_picks_lr_then_batch_then_window_and_the_study_uses_them(
