@@ -222,6 +222,16 @@ def write_manifest(
     return path
 
 
+def manifest_stage(out_dir: str | Path) -> str | None:
+    """The stage that wrote a directory's run.json (`student`, `train`, `distil`, ...), or None where there is none
+    or it cannot be read: a hub id, a model from elsewhere."""
+    try:
+        stage = json.loads((Path(out_dir).expanduser() / "run.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, str) else None
+
+
 def write_engine_spec(out: str | Path, engine: str, **details: Any) -> None:
     """Mark an artifact directory with the engine that loads it (and how it was made)."""
     write_json(Path(out) / ENGINE_FILE, {"engine": engine, **details})

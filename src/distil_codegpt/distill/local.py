@@ -31,6 +31,7 @@ from torch import nn
 from distil_codegpt.config import ConfigError
 from distil_codegpt.model import families
 from distil_codegpt.model.layer_scores import residual_stream
+from distil_codegpt.runinfo import manifest_stage
 
 LocalLoss = Literal["nmse", "cosine"]
 
@@ -39,11 +40,11 @@ def fresh_cut(student: str) -> bool:
     """Whether a student directory is a cut of a teacher straight from `distil-codegpt student` (its run.json says so
     and its config.json names the teacher blocks it came from, which the local stage needs), not yet trained: a hub
     id, any other model or a student already distilled gives False."""
-    root = Path(student).expanduser()
+    if manifest_stage(student) != "student":
+        return False
     try:
-        run = json.loads((root / "run.json").read_text())
-        config = json.loads((root / "config.json").read_text())
-        return run.get("stage") == "student" and bool(config.get("distil_layer_map"))
+        config = json.loads((Path(student).expanduser() / "config.json").read_text())
+        return bool(config.get("distil_layer_map"))
     except (OSError, ValueError, AttributeError):
         return False
 

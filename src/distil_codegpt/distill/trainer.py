@@ -42,7 +42,7 @@ from distil_codegpt.distill.losses import (
 from distil_codegpt.model.families import tied_head
 from distil_codegpt.model.presets import pad_vocab
 from distil_codegpt.model.vocab_trim import kept_mask
-from distil_codegpt.runinfo import open_log, write_json
+from distil_codegpt.runinfo import manifest_stage, open_log, write_json
 from distil_codegpt.runtime import autocast_dtype, pick_device
 
 CLM_ONLY = LossWeights(alpha_ce=0.0, alpha_clm=1.0, alpha_cos=0.0, alpha_mse=0.0)
@@ -580,12 +580,7 @@ def _tensorboard(out: Path) -> Any:
 def pretrained_teacher(source: str) -> bool:
     """Whether a teacher is a pretrained model (imported, fetched, a hub id, any HF dir) rather than one this toolkit
     trained from scratch or fine-tuned (`train`, as its run.json says): the two get different default KD recipes."""
-    manifest = Path(source).expanduser() / "run.json" if source else None
-    try:
-        stage = json.loads(manifest.read_text()).get("stage") if manifest and manifest.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        stage = None
-    return stage != "train"
+    return not source or manifest_stage(source) != "train"
 
 
 def _log(log: Any, writer: Any, record: dict[str, Any]) -> None:
