@@ -2,7 +2,7 @@
 paired-bootstrap interval, latency, and the minutes and tokens of every training stage.
 
     python benchmarks/recipe_table.py runs/pilot teacher A-kd B-kd C-kd
-    python benchmarks/recipe_table.py runs/demo-real teacher students/kd-20-ffn600      # run from the clone's root
+    python benchmarks/recipe_table.py runs/demo-real teacher students/kd-30-ffn384-heads6  # run from the clone's root
     python benchmarks/recipe_table.py runs/recipe60 teacher-eval mix-local width-local  # benchmarks/recipe_compare.py
     python benchmarks/recipe_table.py runs/recipe60 teacher-eval mix-local --save docs/recipe60  # and the files
 
