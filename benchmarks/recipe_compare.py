@@ -14,6 +14,9 @@ Rows (students at <= 50% of SmolLM2-135M's multiply-adds per token, head include
                            best and largest) for the best cut measured; they share width-local's local stage (at 1e-3)
   width-local-trim         width-local with its head trimmed to the ids of the corpus (`compress --trim-vocab`): a
                            speed row (our engine only; GGUF cannot hold a trimmed head), no training of its own
+  ROW@N                    another run of ROW (N = 2, 3, ...) into ROOT/ROW@N, sharing its cut and local stage: a
+                           learning curve for a row already trained without one (`--curve width-local@2`), or the
+                           spread between two runs of one recipe
 
 A `-local` row spends --local-share of what the cut's scoring left in the local stage (each block learns its span of
 teacher blocks), the rest in logit KD (forward KL, T = 1, the frozen teacher); the others spend it all in logit KD.
@@ -124,6 +127,14 @@ def evaluate(a: argparse.Namespace, model: Path, out: Path) -> None:
     run(cmd, out)
 
 
+def recipe(name: str) -> tuple[str, bool, float, bool]:
+    """A row's (cut, local stage first, learning rate, trimmed head); ROW@N (N >= 2) is another run of ROW."""
+    base, at, repeat = name.partition("@")
+    if base not in ROWS or (at and not (repeat.isdigit() and int(repeat) >= 2)):
+        raise KeyError(name)
+    return ROWS[base]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", required=True, help="the teacher's model directory")
@@ -145,9 +156,17 @@ def main() -> None:
     a = p.parse_args()
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     curve = {r.strip() for r in a.curve.split(",") if r.strip()}
-    unknown = [r for r in rows + sorted(curve) if r not in ROWS]
+    unknown = []
+    for r in rows + sorted(curve):
+        try:
+            recipe(r)
+        except KeyError:
+            unknown.append(r)
     if unknown:
-        sys.exit(f"error: --rows/--curve: unknown {', '.join(unknown)}; choose from {','.join(ROWS)}")
+        rows_known = ",".join(ROWS)
+        sys.exit(
+            f"error: --rows/--curve: unknown {', '.join(unknown)}; choose from {rows_known}, or ROW@N: another run"
+        )
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     print(check_machine(root, a.machine_tolerance, a.other_machine), flush=True)
@@ -156,14 +175,15 @@ def main() -> None:
     loop += ["--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "8", "--save-every", "20"]
     loop += ["--max-steps", str(10**9), "--temperature", "1", "--alpha-ce", "1", "--alpha-clm", "0", "--alpha-cos", "0"]
     for name in rows:
-        cut_name, local, lr, trim = ROWS[name]
+        cut_name, local, lr, trim = recipe(name)
         cut = root / f"cut-{cut_name}"
         scoring = minutes_of(
             run(cli() + ["student", "--teacher", a.teacher, "--data", a.data, "--out", str(cut)] + CUTS[cut_name], cut),
             "seconds",
         )
         if trim:  # the trained row's student, its head trimmed: no training of its own
-            base = root / name.removesuffix("-trim")
+            row, at, repeat = name.partition("@")
+            base = root / (row.removesuffix("-trim") + at + repeat)  # width-local-trim@2 trims width-local@2
             if not (base / "run.json").is_file():
                 print(f"skip {name}: train {base.name} first (--rows {base.name},{name})")
                 continue

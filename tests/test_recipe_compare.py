@@ -21,3 +21,12 @@ def test_the_machine_is_recorded_then_checked(tmp_path: Path) -> None:
     assert "(2.00x)" in rc.check_machine(tmp_path, 0.15, True, gflops=100.0)  # asked for: goes on
     assert json.loads((tmp_path / "machine.json").read_text())["probe_gflops"] == 50.0  # the record is the first's
     assert rc.probe_gflops(n=64, seconds=0.05) > 0
+
+
+def test_a_row_run_again_is_the_same_recipe() -> None:
+    rc = benchmark("recipe_compare")
+    assert rc.recipe("width-local@2") == rc.recipe("width-local") == ("width", True, 1e-3, False)
+    assert rc.recipe("width-local-lr3e-4@3") == ("width", True, 3e-4, False)
+    for bad in ("width-local@1", "width-local@", "width-local@x", "widths", "width@2@3"):
+        with pytest.raises(KeyError):
+            rc.recipe(bad)
